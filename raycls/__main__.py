@@ -1,0 +1,5 @@
+import sys
+
+from raycls.cli import main
+
+sys.exit(main())
