@@ -1,0 +1,432 @@
+"""Dataset registry: every dataset becomes uint8 image tensors (N, C, H, W) + int64 labels.
+
+- `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images). Works offline anywhere;
+  a seeded 20% is held out as the test split.
+- `mnist`, `fashion-mnist`: the four official gzipped IDX files in `data_dir`.
+- `cifar10`: the official *binary* layout (`cifar-10-batches-bin/`); downloaded (md5-checked) when
+  missing and the network is reachable.
+- `imagefolder:PATH` (one sub-folder per class) and `parquet:PATH` (columns `image` bytes and
+  `label`): decoded in parallel through Ray Data, resized to `image_size` (default 32).
+
+Train/val is a seeded split of the official training set; the test split is the official one where
+the dataset has one. mean/std are per channel, of [0, 1]-scaled training pixels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A dataset is missing or malformed; the message names the file and the fix."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    def describe(self) -> dict:
+        """The part of a checkpoint's metadata that says what the model expects."""
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _split_train_val(images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int):
+    """Seeded split; the same seed always gives the same validation images."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_val = max(1, int(round(len(labels) * val_fraction)))
+    val, train = order[:n_val], order[n_val:]
+    return Split(_t(images[train]), _l(labels[train])), Split(_t(images[val]), _l(labels[val]))
+
+
+def _t(images: np.ndarray) -> torch.Tensor:
+    # np.array copies: IDX arrays are read-only views of the decompressed file
+    return torch.from_numpy(np.array(images, dtype=np.uint8, order="C"))
+
+
+def _l(labels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+
+
+def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.to(torch.float64).div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def _build(name, classes, train_x, train_y, test_x, test_y, val_fraction, seed) -> Dataset:
+    # mean/std of the whole official training split: the published constants (e.g. CIFAR-10's
+    # 0.4914, 0.4822, 0.4465) and independent of the validation seed
+    mean, std = _mean_std(_t(train_x))
+    train, val = _split_train_val(train_x, train_y, val_fraction, seed)
+    return Dataset(name, list(classes), mean, std, train, val, Split(_t(test_x), _l(test_y)))
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits(val_fraction: float, seed: int, test_fraction: float = 0.2) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    # pixel values are 0..16; scale to the full uint8 range like every other dataset
+    images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    labels = bunch.target.astype(np.int64)
+    # the test hold-out uses a seed of its own, so changing --seed never leaks test images
+    order = np.random.default_rng(12345).permutation(len(labels))
+    n_test = int(round(len(labels) * test_fraction))
+    test, rest = order[:n_test], order[n_test:]
+    classes = [str(i) for i in range(10)]
+    return _build(
+        "digits", classes, images[rest], labels[rest], images[test], labels[test],
+        val_fraction, seed,
+    )
+
+
+# ----------------------------------------------------------------------------- IDX (MNIST)
+
+MNIST_CLASSES = [str(i) for i in range(10)]
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def read_idx(path: Path, expect_magic: int) -> np.ndarray:
+    """Read a gzipped IDX file (big-endian header: magic, dims...; then uint8 data)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable gzip file ({e}); re-download it") from None
+    if len(raw) < 8:
+        raise DataError(f"{path}: truncated (only {len(raw)} bytes)")
+    magic, = struct.unpack(">i", raw[:4])
+    if magic != expect_magic:
+        raise DataError(f"{path}: bad IDX magic {magic} (expected {expect_magic}); wrong file?")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
+    expected = int(np.prod(dims))
+    data = raw[4 + 4 * ndim :]
+    if len(data) != expected:
+        raise DataError(
+            f"{path}: truncated or padded: {len(data)} data bytes for shape {dims} "
+            f"(expected {expected}); re-download it"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def load_idx_dataset(name: str, data_dir: str, classes, val_fraction: float, seed: int) -> Dataset:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise DataError(
+            f"{name}: data directory {d} does not exist; put the four official files "
+            f"({', '.join(IDX_FILES.values())}) there and pass --data-dir"
+        )
+    missing = [f for f in IDX_FILES.values() if not (d / f).is_file()]
+    if missing:
+        raise DataError(f"{name}: {d} lacks {', '.join(missing)} (the official gzipped IDX files)")
+    tx = read_idx(d / IDX_FILES["train_images"], 2051)[:, None]
+    ty = read_idx(d / IDX_FILES["train_labels"], 2049)
+    vx = read_idx(d / IDX_FILES["test_images"], 2051)[:, None]
+    vy = read_idx(d / IDX_FILES["test_labels"], 2049)
+    for x, y, split in ((tx, ty, "train"), (vx, vy, "test")):
+        if len(x) != len(y):
+            raise DataError(f"{name}: {split} has {len(x)} images but {len(y)} labels in {d}")
+    return _build(name, classes, tx, ty, vx, vy, val_fraction, seed)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_FOLDER = "cifar-10-batches-bin"
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD:
+        raise DataError(
+            f"{path}: {raw.size} bytes is not a whole number of {CIFAR10_RECORD}-byte records "
+            "(truncated?); re-download cifar-10-binary.tar.gz"
+        )
+    records = raw.reshape(-1, CIFAR10_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise DataError(f"{path}: label byte {labels.max()} out of range 0-9; not CIFAR-10 binary")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+    """Download and unpack the official binary archive into `root`, checking its md5."""
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} -> {root} ...", flush=True)
+    with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        urllib.request.urlretrieve(url, tmp_path)
+        actual = _md5(tmp_path)
+        if actual != md5:
+            raise DataError(
+                f"{url}: md5 {actual} does not match the published {md5}; the download is "
+                "corrupted, delete it and try again"
+            )
+        with tarfile.open(tmp_path, "r:gz") as tar:
+            tar.extractall(root, filter="data")  # "data" refuses absolute paths and links out
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return root / CIFAR10_FOLDER
+
+
+def find_cifar10(data_dir: str, download: bool = True) -> Path:
+    d = Path(data_dir)
+    for candidate in (d, d / CIFAR10_FOLDER):
+        if (candidate / "test_batch.bin").is_file():
+            return candidate
+    where = (
+        f"put the official binary version there ({d}/{CIFAR10_FOLDER}/data_batch_1..5.bin, "
+        f"test_batch.bin, batches.meta.txt; from {CIFAR10_URL}) and pass --data-dir"
+    )
+    if not download:
+        raise DataError(f"cifar10: not found in {d}; {where}")
+    try:
+        return download_cifar10(d)
+    except (OSError, urllib.error.URLError) as e:
+        raise DataError(f"cifar10: not found in {d} and the download failed ({e}); {where}") from None
+
+
+def load_cifar10(data_dir: str, val_fraction: float, seed: int, download: bool = True) -> Dataset:
+    folder = find_cifar10(data_dir, download)
+    parts = [read_cifar_batch(folder / f"data_batch_{i}.bin") for i in range(1, 6)]
+    tx = np.concatenate([p[0] for p in parts])
+    ty = np.concatenate([p[1] for p in parts])
+    vx, vy = read_cifar_batch(folder / "test_batch.bin")
+    meta = folder / "batches.meta.txt"
+    classes = [c.strip() for c in meta.read_text().splitlines() if c.strip()] if meta.is_file() else []
+    if len(classes) != 10:
+        raise DataError(f"{meta}: expected 10 class names, one per line, found {len(classes)}")
+    return _build("cifar10", classes, tx, ty, vx, vy, val_fraction, seed)
+
+
+# ----------------------------------------------------------------------------- Ray Data sources
+
+
+def _decode_rows(batch: dict, size: int, channels: int) -> dict:
+    """Ray Data map_batches: encoded bytes -> uint8 (C, size, size); bad files are reported."""
+    from io import BytesIO
+
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if channels == 1 else "RGB"
+    out, errors = [], []
+    for data, path in zip(batch["bytes"], batch["path"], strict=True):
+        try:
+            with Image.open(BytesIO(data)) as im:
+                im = im.convert(mode).resize((size, size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+            out.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            errors.append("")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            out.append(np.zeros((channels, size, size), np.uint8))
+            errors.append(f"{path}: unreadable image ({type(e).__name__}: {e})")
+    return {"image": np.stack(out), "label": batch["label"], "error": np.array(errors)}
+
+
+def _collect(ds, size: int, channels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    decoded = ds.map_batches(_decode_rows, fn_kwargs={"size": size, "channels": channels})
+    rows = decoded.to_pandas()
+    bad = [e for e in rows["error"] if e]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(f"{what}: {len(bad)} unreadable image(s): " + "; ".join(bad[:5]) + more)
+    return np.stack(rows["image"].to_list()), rows["label"].to_numpy(np.int64)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def load_imagefolder(path: str, image_size: int, val_fraction: float, seed: int) -> Dataset:
+    import ray
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"imagefolder: {root} is not a directory (expected one sub-folder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"imagefolder: {root} needs at least 2 class sub-folders, found {classes}")
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        found = sorted(
+            str(f) for f in (root / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            raise DataError(f"imagefolder: class folder {root / c} has no images ({IMAGE_SUFFIXES})")
+        files += found
+        labels += [i] * len(found)
+    size = image_size or 32
+    probe = _probe_channels(files[0])
+    label_of = dict(zip(files, labels, strict=True))
+    ds = ray.data.read_binary_files(files, include_paths=True).map(
+        lambda r: {"bytes": r["bytes"], "path": r["path"], "label": label_of[_abs(r["path"])]}
+    )
+    images, y = _collect(ds, size, probe, f"imagefolder {root}")
+    return _hold_out_test(f"imagefolder:{root}", classes, images, y, val_fraction, seed)
+
+
+def _abs(path: str) -> str:
+    # Ray Data reports paths without the leading "/" of local absolute paths
+    return path if path.startswith("/") or os.path.exists(path) else "/" + path
+
+
+def _probe_channels(file: str) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return 1 if im.mode in ("1", "L", "I;16", "I", "F") else 3
+    except OSError as e:
+        raise DataError(f"{file}: unreadable image ({e})") from None
+
+
+def load_parquet(path: str, image_size: int, val_fraction: float, seed: int) -> Dataset:
+    import pyarrow.parquet as pq
+    import ray
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"parquet: {p} does not exist")
+    schema = pq.read_schema(next(p.rglob("*.parquet")) if p.is_dir() else p)
+    missing = {"image", "label"} - set(schema.names)
+    if missing:
+        raise DataError(f"parquet: {p} lacks column(s) {sorted(missing)}; found {schema.names}")
+    ds = ray.data.read_parquet(str(p), columns=["image", "label"])
+    raw_labels = ds.unique("label")
+    classes = sorted(str(v) for v in raw_labels)
+    if all(isinstance(v, int | np.integer) for v in raw_labels):
+        classes = [str(i) for i in range(int(max(raw_labels)) + 1)]
+    index = {c: i for i, c in enumerate(classes)}
+    ds = ds.map(
+        lambda r: {"bytes": r["image"], "path": f"{p} row label={r['label']}",
+                   "label": index[str(r["label"])]}
+    )
+    first = ds.take(1)[0]["bytes"]
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        with Image.open(BytesIO(first)) as im:
+            channels = 1 if im.mode in ("1", "L", "I;16", "I", "F") else 3
+    except OSError as e:
+        raise DataError(f"parquet {p}: first image is unreadable ({e})") from None
+    images, y = _collect(ds, image_size or 32, channels, f"parquet {p}")
+    return _hold_out_test(f"parquet:{p}", classes, images, y, val_fraction, seed)
+
+
+def _hold_out_test(name, classes, images, labels, val_fraction, seed, test_fraction=0.2):
+    order = np.random.default_rng(12345).permutation(len(labels))
+    n_test = max(1, int(round(len(labels) * test_fraction)))
+    test, rest = order[:n_test], order[n_test:]
+    return _build(name, classes, images[rest], labels[rest], images[test], labels[test],
+                  val_fraction, seed)
+
+
+# ----------------------------------------------------------------------------- registry
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "parquet:PATH")
+
+
+def load_dataset(
+    name: str, data_dir: str = "data", image_size: int = 0, val_fraction: float = 0.1,
+    seed: int = 0, download: bool = True,
+) -> Dataset:
+    """Load a dataset by registry name; see the module docstring for the names."""
+    if name == "digits":
+        ds = load_digits(val_fraction, seed)
+    elif name == "mnist":
+        ds = load_idx_dataset("mnist", data_dir, MNIST_CLASSES, val_fraction, seed)
+    elif name == "fashion-mnist":
+        ds = load_idx_dataset("fashion-mnist", data_dir, FASHION_CLASSES, val_fraction, seed)
+    elif name == "cifar10":
+        ds = load_cifar10(data_dir, val_fraction, seed, download)
+    elif name.startswith("imagefolder:"):
+        return load_imagefolder(name.split(":", 1)[1], image_size, val_fraction, seed)
+    elif name.startswith("parquet:"):
+        return load_parquet(name.split(":", 1)[1], image_size, val_fraction, seed)
+    else:
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    if image_size and image_size != ds.image_size:
+        ds = resize_dataset(ds, image_size)
+    return ds
+
+
+def resize_dataset(ds: Dataset, size: int) -> Dataset:
+    """Bilinear resize of every split (e.g. to feed 28x28 digits to a 32x32-minimum model)."""
+    import torch.nn.functional as F
+
+    def rs(s: Split) -> Split:
+        x = F.interpolate(s.images.float(), size=(size, size), mode="bilinear", antialias=True)
+        return Split(x.round().clamp(0, 255).to(torch.uint8), s.labels)
+
+    return Dataset(ds.name, ds.classes, ds.mean, ds.std, rs(ds.train), rs(ds.val), rs(ds.test))
