@@ -439,6 +439,7 @@ def write_bundle(
     meta["sha256"] = {}
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=d.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server may run as another user
         for name, data in model_files.items():
             _check_file_name(name, d)
             (tmp / name).write_bytes(data)

@@ -1,0 +1,469 @@
+"""`raycls export`: checkpoint -> ONNX bundle that has proved itself against PyTorch.
+
+Pipeline, top to bottom:
+1. resolve the checkpoint (a checkpoint dir, or a run dir whose result.json names the best one);
+2. wrap the model so the graph takes uint8 `images` (N, C, H, W) and does /255 and mean/std itself;
+3. `torch.onnx.export` (dynamo, opset 18, dynamic batch, one file), then
+   `onnx.checker.check_model(full_check=True)`;
+4. the parity gate: PyTorch vs onnxruntime on >= 1,000 held-out images at batch sizes 1, 7, 64 and
+   the remainder; max |logit diff| <= 1e-3 and top-1 agreement >= 99.9%, or no bundle is written;
+5. onnxruntime accuracy on the test split (`onnx_test_acc`), optional static INT8 quantisation
+   kept only within 1 accuracy point of FP32;
+6. `bundle.write_bundle` (atomic), then the bundle is loaded back through `bundle.load_bundle`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from raycls.bundle import (
+    FORMAT_VERSION,
+    INT8_MODEL_FILE,
+    MODEL_FILE,
+    BundleError,
+    load_bundle,
+    write_bundle,
+)
+from raycls.models import CheckpointError, model_from_checkpoint
+
+OPSET = 18
+MAX_IR_VERSION = 10  # onnx 1.23 can write IR 14; onnxruntime 1.3x loads IR <= 11 (10 suffices)
+PARITY_MAX_ABS_DIFF = 1e-3  # logits
+PARITY_MIN_TOP1_AGREEMENT = 0.999
+PARITY_BATCH_SIZES = (1, 7, 64)  # plus whatever remains, so shapes 1, odd and full all run
+INT8_MAX_ACC_DROP = 0.01  # 1 percentage point of test accuracy
+ACC_WARN_GAP = 0.002  # ONNX vs training test_acc: warn above 0.2 points
+
+
+class ExportError(RuntimeError):
+    """Export refused: the message says which check failed, by how much, and what to do."""
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def resolve_checkpoint(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(checkpoint dir, run result.json or None) for a checkpoint dir or a finished run dir."""
+    p = Path(source)
+    if (p / "meta.json").is_file():
+        return p, None
+    result_path = p / "result.json"
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_text())
+            ckpt = Path(result["checkpoint"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ExportError(f"{result_path}: has no usable 'checkpoint' entry ({e})") from None
+        for candidate in (ckpt, p / ckpt, p / ckpt.name):
+            if (candidate / "meta.json").is_file():
+                return candidate, result
+        raise ExportError(
+            f"{result_path} names checkpoint {ckpt}, which does not exist (moved or deleted?); "
+            "pass a checkpoint directory instead"
+        )
+    if not p.exists():
+        raise ExportError(f"{p}: no such checkpoint or run directory")
+    found = sorted(str(m.parent) for m in p.glob("**/meta.json"))[:5]
+    hint = f"; checkpoints found inside: {', '.join(found)}" if found else ""
+    raise ExportError(
+        f"{p}: neither a checkpoint (no meta.json) nor a finished run (no result.json){hint}"
+    )
+
+
+# ----------------------------------------------------------------------------- ONNX graph
+
+
+class UInt8Classifier(nn.Module):
+    """uint8 images (N, C, H, W) -> logits (N, K), with x/255 and (x - mean)/std folded into
+    one multiply-add: x * 1/(255 std) - mean/std, so serving only decodes and resizes."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.float() * self.scale + self.shift)
+
+
+def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """The training-side preprocessing, written the plain way: the parity gate's reference."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def export_onnx(model: nn.Module, data: dict[str, Any], opset: int = OPSET) -> bytes:
+    """Export `model` (eval) with preprocessing folded in; returns checked single-file bytes."""
+    wrapped = UInt8Classifier(model, data["mean"], data["std"]).eval()
+    c, size = data["channels"], data["image_size"]
+    example = torch.zeros(2, c, size, size, dtype=torch.uint8)
+    try:
+        program = torch.onnx.export(
+            wrapped,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: torch.export.Dim("N", min=1)}},
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed for this model: {e}") from None
+    proto = program.model_proto
+    # onnxruntime refuses IR versions newer than it knows; opset 18 needs nothing past IR 10
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise ExportError("the exported model uses external data; bundles are single files")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported graph: {e}") from None
+    return proto.SerializeToString()
+
+
+def cpu_session(model_bytes: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+
+def batch_schedule(n: int, sizes: tuple[int, ...] = PARITY_BATCH_SIZES) -> list[int]:
+    """Batch sizes covering n images: each of `sizes` once, then the largest, then the rest."""
+    out, left = [], n
+    for s in sizes:
+        if left <= 0:
+            break
+        out.append(min(s, left))
+        left -= out[-1]
+    while left > 0:
+        out.append(min(sizes[-1], left))
+        left -= out[-1]
+    return out
+
+
+def run_onnx(session: ort.InferenceSession, images: np.ndarray, sizes: list[int]) -> np.ndarray:
+    chunks, start = [], 0
+    for s in sizes:
+        chunks.append(session.run(["logits"], {"images": images[start : start + s]})[0])
+        start += s
+    return np.concatenate(chunks)
+
+
+@torch.no_grad()
+def torch_logits(
+    model: nn.Module, images: torch.Tensor, data: dict[str, Any], batch: int = 256
+) -> np.ndarray:
+    model.eval()
+    starts = range(0, len(images), batch)
+    out = [model(normalise(images[i : i + batch], data["mean"], data["std"])) for i in starts]
+    return torch.cat(out).float().numpy()
+
+
+def check_parity(
+    model: nn.Module, data: dict[str, Any], model_bytes: bytes, images: torch.Tensor
+) -> dict[str, Any]:
+    """The parity gate. Returns the report; raises ExportError naming the broken limit."""
+    sizes = batch_schedule(len(images))
+    ref = torch_logits(model, images, data)
+    got = run_onnx(cpu_session(model_bytes), images.numpy(), sizes)
+    if got.shape != ref.shape:
+        raise ExportError(f"parity gate: ONNX logits {got.shape} vs PyTorch {ref.shape}")
+    max_abs_diff = float(np.abs(got - ref).max())
+    agreement = float((got.argmax(1) == ref.argmax(1)).mean())
+    report = {
+        "max_abs_diff": max_abs_diff,
+        "top1_agreement": agreement,
+        "num_images": len(images),
+        "batch_sizes": sorted(set(sizes)),
+    }
+    problems = []
+    if not max_abs_diff <= PARITY_MAX_ABS_DIFF:  # `not <=` also catches NaN
+        problems.append(
+            f"max |logit difference| {max_abs_diff:.3g} exceeds the limit {PARITY_MAX_ABS_DIFF:g} "
+            f"by {max_abs_diff - PARITY_MAX_ABS_DIFF:.3g}"
+        )
+    if agreement < PARITY_MIN_TOP1_AGREEMENT:
+        problems.append(
+            f"top-1 agreement {agreement:.2%} is below the limit {PARITY_MIN_TOP1_AGREEMENT:.1%} "
+            f"by {(PARITY_MIN_TOP1_AGREEMENT - agreement) * 100:.2f} points"
+        )
+    if problems:
+        raise ExportError(
+            f"parity gate failed on {len(images)} images (batch sizes {report['batch_sizes']}): "
+            + "; ".join(problems)
+            + ". No bundle was written: the ONNX model does not compute what the checkpoint does "
+            "(an unsupported op, or a model changed after export?)"
+        )
+    return report
+
+
+def onnx_accuracy(session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray) -> float:
+    logits = run_onnx(session, images, batch_schedule(len(images), (256,)))
+    return float((logits.argmax(1) == labels).mean())
+
+
+# ----------------------------------------------------------------------------- INT8
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over uint8 training images (duck-typed: get_next)."""
+
+    def __init__(self, images: np.ndarray, batch: int = 32):
+        self._batches: Iterator[np.ndarray] = (
+            images[i : i + batch] for i in range(0, len(images), batch)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        b = next(self._batches, None)
+        return None if b is None else {"images": b}
+
+
+def quantize_int8(model_bytes: bytes, calibration: np.ndarray) -> bytes:
+    """Static QDQ quantisation (int8 weights per channel, uint8 activations), MinMax-calibrated."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Calibration, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        src.write_bytes(model_bytes)
+        # the quantiser logs a root-logger warning per unfused BatchNorm ("axis out of range"
+        # for its 1-D weight): harmless here, and the accuracy check below is what decides
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre),
+                str(out),
+                Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+        finally:
+            root.setLevel(level)
+        proto = onnx.load(str(out))
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    return proto.SerializeToString()
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+def versions() -> dict[str, str]:
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "ray": version("ray"),  # metadata only: export must not start or import Ray
+        "raycls": version("raycls"),
+    }
+
+
+def parity_images(ds: Any, n: int, seed: int = 0) -> torch.Tensor:
+    """n held-out images (validation + test, seeded sample); topped up from the training split
+    only for datasets too small to have n held-out images (digits has ~500)."""
+    held_out = torch.cat([ds.val.images, ds.test.images])
+    if len(held_out) < n:
+        held_out = torch.cat([held_out, ds.train.images[: n - len(held_out)]])
+    order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
+    return held_out[order[:n]].contiguous()
+
+
+def load_matching_dataset(meta: dict[str, Any], data_dir: str | None) -> Any:
+    """The dataset the checkpoint was trained on, checked against the checkpoint's data meta."""
+    from raycls.data import DataError, load_dataset
+
+    cfg, data = meta["config"], meta["data"]
+    try:
+        ds = load_dataset(
+            cfg["dataset"],
+            data_dir=data_dir or cfg["data_dir"],
+            image_size=cfg.get("image_size", 0),
+            val_fraction=cfg.get("val_fraction", 0.1),
+            seed=cfg.get("seed", 0),
+        )
+    except DataError as e:
+        raise ExportError(f"cannot load dataset {cfg['dataset']!r}: {e} (set --data-dir)") from None
+    got = (list(ds.classes), ds.channels, ds.image_size)
+    want = (list(data["classes"]), data["channels"], data["image_size"])
+    if got != want:
+        raise ExportError(
+            f"dataset {cfg['dataset']!r} has classes/channels/size {got}, but the checkpoint was "
+            f"trained on {want}; point --data-dir at the training data"
+        )
+    return ds
+
+
+def export_bundle(
+    source: str | Path,
+    output: str | Path,
+    *,
+    data_dir: str | None = None,
+    int8: bool = False,
+    num_parity_images: int = 1000,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Checkpoint or run dir -> verified bundle at `output`. See the module docstring."""
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    if num_parity_images < 1000:
+        raise ExportError(f"--parity-images {num_parity_images}: the gate needs at least 1000")
+    ckpt, result = resolve_checkpoint(source)
+    try:
+        model, meta = model_from_checkpoint(ckpt)
+    except (CheckpointError, KeyError, RuntimeError, ValueError) as e:
+        raise ExportError(f"cannot rebuild the model from {ckpt}: {e}") from None
+    data, cfg = meta["data"], meta["config"]
+    ds = load_matching_dataset(meta, data_dir)
+
+    model_bytes = export_onnx(model, data)
+    log(f"exported {ckpt} to ONNX (opset {OPSET}, {len(model_bytes) / 1e6:.2f} MB); checker ok")
+    parity = check_parity(model, data, model_bytes, parity_images(ds, num_parity_images))
+    log(
+        f"parity ok: max |logit diff| {parity['max_abs_diff']:.2e}, top-1 agreement "
+        f"{parity['top1_agreement']:.2%} on {parity['num_images']} images, "
+        f"batch sizes {parity['batch_sizes']}"
+    )
+
+    test_x, test_y = ds.test.images.numpy(), ds.test.labels.numpy()
+    onnx_test_acc = onnx_accuracy(cpu_session(model_bytes), test_x, test_y)
+    train_metrics = {**meta.get("metrics", {}), **(result or {})}
+    test_acc = train_metrics.get("test_acc")
+    metrics = {
+        "val_acc": train_metrics.get("val_acc"),
+        "test_acc": test_acc,
+        "onnx_test_acc": onnx_test_acc,
+    }
+    trained = f"{test_acc:.4f}" if isinstance(test_acc, float) else "not recorded"
+    log(f"onnx test accuracy {onnx_test_acc:.4f} on {len(test_y)} images (training: {trained})")
+    if isinstance(test_acc, float) and abs(onnx_test_acc - test_acc) > ACC_WARN_GAP:
+        log(
+            f"warning: ONNX test accuracy differs from training's by "
+            f"{abs(onnx_test_acc - test_acc) * 100:.2f} points (is the test split the same?)"
+        )
+
+    files = {MODEL_FILE: model_bytes}
+    bundle_meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": out.name,
+        "classes": list(data["classes"]),
+        "input": {
+            "channels": data["channels"],
+            "height": data["image_size"],
+            "width": data["image_size"],
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "resize": "bilinear",
+        },
+        "metrics": metrics,
+        "parity": parity,
+        "config": cfg,
+        "versions": versions(),
+        "source": {"checkpoint": str(ckpt.resolve()), "epoch": meta.get("epoch")},
+    }
+    if int8:
+        order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))
+        calibration = ds.train.images[order[:512]].numpy()
+        int8_bytes = quantize_int8(model_bytes, calibration)
+        int8_acc = onnx_accuracy(cpu_session(int8_bytes), test_x, test_y)
+        drop = onnx_test_acc - int8_acc
+        kept = drop <= INT8_MAX_ACC_DROP
+        reason = (
+            f"test accuracy {int8_acc:.4f} vs FP32 {onnx_test_acc:.4f} "
+            f"({drop * 100:+.2f} points drop; limit {INT8_MAX_ACC_DROP * 100:.1f})"
+        )
+        bundle_meta["int8"] = {"kept": kept, "test_acc": int8_acc, "reason": reason}
+        metrics["int8_test_acc"] = int8_acc
+        if kept:
+            files[INT8_MODEL_FILE] = int8_bytes
+            log(f"INT8 model kept: {reason}")
+        else:
+            log(f"INT8 model dropped (not written): {reason}")
+    bundle_meta["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    write_bundle(out, bundle_meta, files)
+    load_bundle(out, int8=INT8_MODEL_FILE in files)  # the hand-off must load as serving loads it
+    log(f"wrote bundle {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", help="checkpoint directory, or run directory (its best checkpoint)"
+    )
+    parser.add_argument(
+        "--output", "-o", default="", help="bundle directory to write (default: models/<run name>)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="dataset location (default: the checkpoint config's)"
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="also write a static INT8 model if within 1 point"
+    )
+    parser.add_argument(
+        "--parity-images", type=int, default=1000, help="images the parity gate compares (>= 1000)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+
+
+def default_output(source: str) -> Path:
+    p = Path(source).resolve()
+    name = p.parent.name if p.name.startswith("checkpoint") else p.name
+    return Path("models") / name
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    output = Path(args.output) if args.output else default_output(args.source)
+    try:
+        export_bundle(
+            args.source,
+            output,
+            data_dir=args.data_dir,
+            int8=args.int8,
+            num_parity_images=args.parity_images,
+            overwrite=args.overwrite,
+        )
+    except (ExportError, BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
