@@ -1,0 +1,586 @@
+"""`raycls validate`: offline checks of the configs that launch raycls on a cluster.
+
+`ray up` has no dry run and Serve silently drops misspelled keys, so a typo costs a cluster start
+(minutes, money) or ships a Serve setting that never took effect. This module catches those
+mistakes on a laptop, with no cloud credentials and no running Ray:
+
+- Ray cluster YAML (`ray up`): Ray's own `prepare_config` + `validate_config` (the JSON schema and
+  the `head_node_type` / `min_workers` rules), plus per-node-type `min_workers <= max_workers`,
+  which Ray does not check.
+- Serve config files (`serve deploy`): Serve's pydantic schemas, unknown keys at every level with
+  a "did you mean", and autoscaling bounds.
+- KubeRay manifests (`RayCluster`, `RayJob`, `RayService`): the fields that matter (kinds, Ray
+  version against the pin, worker group bounds, the RayJob entrypoint, the embedded Serve config).
+- A security lint on all of them: no public ingress to the dashboard/Jobs API (8265), GCS (6379),
+  Ray Client (10001) or Serve (8000), token authentication on, no `:latest` images.
+
+Every problem names the file, the key and the fix. Warnings are printed but do not fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import logging
+import re
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Ports that let whoever reaches them run code or read data: dashboard + Jobs API, GCS,
+# Ray Client, Serve HTTP (no auth). They must never face 0.0.0.0/0.
+SENSITIVE_PORTS = {8265: "dashboard/Jobs API", 6379: "GCS", 10001: "Ray Client", 8000: "Serve HTTP"}
+PUBLIC_CIDRS = ("0.0.0.0/0", "::/0")
+KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    key: str  # dotted path inside the file, e.g. available_node_types.gpu_worker.min_workers
+    message: str
+    fix: str
+    level: str = "error"  # "error" fails validation; "warning" is printed only
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.file}: {self.key}: {self.message} (fix: {self.fix})"
+
+
+def ray_version_pin() -> str:
+    """The `major.minor` Ray version this project pins (pyproject.toml), e.g. "2.60"."""
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if pyproject.is_file():
+        m = re.search(r"ray\[[^\]]*\]==(\d+\.\d+)", pyproject.read_text())
+        if m:
+            return m.group(1)
+    import ray  # fallback for an installed wheel without the source tree
+
+    return ".".join(ray.__version__.split(".")[:2])
+
+
+def _suggest(name: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(known))}"
+
+
+def _typo_keys(
+    mapping: dict, known: typing.Iterable[str], file: str, prefix: str
+) -> list[Problem]:
+    """Unknown keys that look like misspellings of known ones (for open-ended schemas, where an
+    unknown key may be legitimate, only near-misses are reported)."""
+    known = set(known)
+    problems = []
+    for key in mapping:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            problems.append(
+                Problem(file, _join(prefix, key), "unknown key", f"did you mean {close[0]!r}?")
+            )
+    return problems
+
+
+def _join(prefix: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{prefix}[{key}]"
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _image_problems(image: str, file: str, key: str, pin: str) -> list[Problem]:
+    """No `:latest` or untagged images (they drift away from the pinned Ray version)."""
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    tag = last.split(":", 1)[1] if ":" in last else ""
+    if digest:
+        return []
+    if not tag or tag == "latest" or tag.startswith("latest-"):
+        return [
+            Problem(
+                file, key, f"image {image!r} is unpinned ({tag or 'no tag'})",
+                f"use a versioned tag, e.g. rayproject/ray:{pin}.0-py311-gpu",
+            )
+        ]
+    if name.startswith("rayproject/ray") and not tag.startswith(pin + "."):
+        return [
+            Problem(
+                file, key, f"image {image!r} is not Ray {pin} (the pyproject.toml pin)",
+                f"use rayproject/ray:{pin}.0-py311[-gpu]",
+            )
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------- Ray cluster YAML
+
+def _is_public_ingress(rule: dict) -> bool:
+    ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])]
+    ranges += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+    return any(r in PUBLIC_CIDRS for r in ranges)
+
+
+def _exposed_ports(rule: dict) -> list[int]:
+    if str(rule.get("IpProtocol", "tcp")) == "-1":  # all protocols, all ports
+        return sorted(SENSITIVE_PORTS)
+    lo, hi = int(rule.get("FromPort", -1)), int(rule.get("ToPort", -1))
+    if lo == -1:
+        return sorted(SENSITIVE_PORTS)
+    return [p for p in sorted(SENSITIVE_PORTS) if lo <= p <= hi]
+
+
+def _lint_cluster_security(cfg: dict, file: str, pin: str) -> list[Problem]:
+    problems = []
+    rules = cfg.get("provider", {}).get("security_group", {}).get("IpPermissions", [])
+    for i, rule in enumerate(rules):
+        if not _is_public_ingress(rule):
+            continue
+        for port in _exposed_ports(rule):
+            problems.append(
+                Problem(
+                    file, f"provider.security_group.IpPermissions[{i}]",
+                    f"opens port {port} ({SENSITIVE_PORTS[port]}) to the internet: anyone who "
+                    "reaches it can run code on the cluster",
+                    "remove the rule and use `ray dashboard cluster/config.yaml` (SSH tunnel), "
+                    "or restrict CidrIp to your own network",
+                )
+            )
+
+    docker = cfg.get("docker") or {}
+    docker_opts = " ".join(
+        str(o) for k in ("run_options", "head_run_options", "worker_run_options")
+        for o in docker.get(k, [])
+    )
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        commands = " ".join(cfg.get(key, []))
+        if "ray start" in commands and "RAY_AUTH_MODE=token" not in commands + docker_opts:
+            problems.append(
+                Problem(
+                    file, key, "Ray is started without token authentication",
+                    "prefix `ray start` with RAY_AUTH_MODE=token and ship ~/.ray/auth_token "
+                    "(`ray get-auth-token --generate`) through file_mounts",
+                )
+            )
+        if "--dashboard-host=0.0.0.0" in commands:
+            problems.append(
+                Problem(
+                    file, key, "the dashboard listens on every interface",
+                    "use --dashboard-host=127.0.0.1; `ray dashboard` tunnels to it", "warning",
+                )
+            )
+
+    for key in ("image", "head_image", "worker_image"):
+        if docker.get(key):
+            problems += _image_problems(docker[key], file, f"docker.{key}", pin)
+    for name, node in (cfg.get("available_node_types") or {}).items():
+        image = (node.get("docker") or {}).get("worker_image")
+        if image:
+            problems += _image_problems(
+                image, file, f"available_node_types.{name}.docker.worker_image", pin
+            )
+
+    setup = " ".join(
+        str(c)
+        for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+        for c in cfg.get(k) or []
+    )
+    for version in re.findall(r"ray(?:\[[^\]]*\])?==([0-9][0-9.*]*)", setup):
+        if not (version == pin or version.startswith(pin + ".")):
+            problems.append(
+                Problem(
+                    file, "setup_commands", f"installs ray=={version}, the project pins {pin}.*",
+                    f"install ray[train,tune,serve]=={pin}.* (or `pip install -e` the project)",
+                )
+            )
+    pinned_pip = re.search(r"ray(?:\[[^\]]*\])?==", setup) or "pip install -e" in setup
+    if not docker.get("image") and not docker.get("head_image") and not pinned_pip:
+        problems.append(
+            Problem(
+                file, "docker.image", "neither a Ray image nor a Ray install is pinned",
+                f"set docker.image: rayproject/ray:{pin}.0-py311-gpu",
+            )
+        )
+    return problems
+
+
+def validate_cluster_config(cfg: dict, file: str) -> list[Problem]:
+    """Ray's own offline validation of a `ray up` YAML, plus checks Ray skips, plus security."""
+    import jsonschema
+    from ray.autoscaler._private import util as autoscaler_util
+
+    pin = ray_version_pin()
+    problems: list[Problem] = []
+    provider = cfg.get("provider") or {}
+    fake = str(provider.get("type", "")).startswith("fake_multinode")
+
+    # Ray logs an INFO line per defaulted field; a validator should print only its findings.
+    logging.getLogger(autoscaler_util.__name__).setLevel(logging.WARNING)
+    try:
+        # The fake provider's defaults file is not shipped in the 2.60 wheel, so a fake config
+        # must be complete on its own; the cloud ones are merged with Ray's defaults.yaml.
+        prepared = copy.deepcopy(cfg) if fake else autoscaler_util.prepare_config(cfg)
+        if fake:
+            autoscaler_util.fill_node_type_min_max_workers(prepared)
+    except Exception as e:  # noqa: BLE001 - any failure here is a config problem to report
+        return [Problem(file, "(whole file)", f"Ray's prepare_config failed: {e}",
+                        "compare with cluster/config.yaml")]
+
+    schema_path = Path(autoscaler_util.__file__).parents[1] / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    for err in jsonschema.Draft7Validator(schema).iter_errors(prepared):
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        if err.validator == "additionalProperties":
+            allowed = err.schema.get("properties", {})
+            for extra in sorted(set(err.instance) - set(allowed)):
+                problems.append(Problem(file, _join(key if err.absolute_path else "", extra),
+                                        "unknown key", _suggest(extra, allowed)))
+        else:
+            problems.append(Problem(file, key, err.message, "see Ray's cluster YAML reference"))
+    problems += _typo_keys(provider, schema["properties"]["provider"]["properties"],
+                           file, "provider")
+
+    node_types = prepared.get("available_node_types") or {}
+    head = prepared.get("head_node_type")
+    if node_types and head not in node_types:
+        problems.append(
+            Problem(file, "head_node_type", f"{head!r} is not one of available_node_types",
+                    f"set it to one of: {', '.join(node_types)}")
+        )
+    for name, node in node_types.items():
+        lo, hi = node.get("min_workers", 0), node.get("max_workers", 0)
+        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+            problems.append(
+                Problem(file, f"available_node_types.{name}.min_workers",
+                        f"min_workers ({lo}) is above max_workers ({hi})",
+                        "lower min_workers or raise max_workers")
+            )
+    if not problems:
+        # Whatever Ray itself still refuses (e.g. the sum of min_workers above max_workers).
+        try:
+            autoscaler_util.validate_config(prepared)
+        except (ValueError, RuntimeError, jsonschema.ValidationError) as e:
+            msg = getattr(e, "message", str(e))
+            problems.append(Problem(file, "(whole file)", msg, "see Ray's cluster YAML reference"))
+
+    if not fake:  # a fake cluster lives on localhost; the lint is for real networks
+        problems += _lint_cluster_security(cfg, file, pin)
+    return problems
+
+
+# --------------------------------------------------------------------------- Serve config
+
+def _pydantic_models(annotation: Any) -> list[type]:
+    """The pydantic model classes inside an annotation (Optional[X], List[X], Union[dict, X])."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _pydantic_models(arg)]
+
+
+def _unknown_serve_keys(data: Any, model: type, file: str, prefix: str) -> list[Problem]:
+    """Serve ignores unknown keys at every level; report each with a suggestion."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    problems = []
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(
+                Problem(file, _join(prefix, key), f"unknown {model.__name__} key "
+                        "(Serve would silently ignore it)", _suggest(key, fields))
+            )
+            continue
+        for sub in _pydantic_models(fields[key].annotation):
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                where = _join(_join(prefix, key), i) if isinstance(value, list) else _join(
+                    prefix, key)
+                problems += _unknown_serve_keys(item, sub, file, where)
+            break  # the first model type is the one the dict form describes
+    return problems
+
+
+def validate_serve_config(cfg: dict, file: str, prefix: str = "") -> list[Problem]:
+    """A Serve config file: multi-app (`applications:`) or a single application."""
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    model = ServeDeploySchema if "applications" in cfg else ServeApplicationSchema
+    problems = _unknown_serve_keys(cfg, model, file, prefix)
+    try:
+        model.model_validate(cfg)
+    except ValidationError as e:
+        for err in e.errors():
+            key = prefix
+            for part in err["loc"]:
+                key = _join(key, part)
+            problems.append(Problem(file, key or "(top level)", err["msg"],
+                                    "see `serve build` output or ray.serve.schema"))
+
+    apps = cfg.get("applications", []) if model is ServeDeploySchema else [cfg]
+    for a, app in enumerate(apps if isinstance(apps, list) else []):
+        app_key = _join(_join(prefix, "applications"), a) if model is ServeDeploySchema else prefix
+        for d, dep in enumerate((app or {}).get("deployments") or []):
+            dep_key = _join(_join(app_key, "deployments"), d)
+            auto = (dep or {}).get("autoscaling_config")
+            if not isinstance(auto, dict):
+                continue
+            lo, hi = auto.get("min_replicas", 1), auto.get("max_replicas", 1)
+            if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+                problems.append(Problem(file, _join(dep_key, "autoscaling_config.min_replicas"),
+                                        f"min_replicas ({lo}) is above max_replicas ({hi})",
+                                        "lower min_replicas or raise max_replicas"))
+                continue
+            try:
+                AutoscalingConfig.model_validate(auto)
+            except ValidationError as e:
+                for err in e.errors():
+                    problems.append(Problem(file, _join(dep_key, "autoscaling_config"),
+                                            err["msg"], "see ray.serve.config.AutoscalingConfig"))
+            if dep.get("num_replicas") not in (None, "auto"):
+                problems.append(Problem(file, _join(dep_key, "num_replicas"),
+                                        "num_replicas is fixed but autoscaling_config is set",
+                                        "remove num_replicas (or set it to auto)"))
+    return problems
+
+
+# --------------------------------------------------------------------------- KubeRay manifests
+
+RAYCLUSTER_SPEC_KEYS = (
+    "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+    "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy",
+    "gcsFaultToleranceOptions", "authOptions", "upgradeStrategy",
+)
+WORKER_GROUP_KEYS = (
+    "groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+    "scaleStrategy", "numOfHosts", "idleTimeoutSeconds", "suspend", "headServiceAnnotations",
+)
+RAYJOB_SPEC_KEYS = (
+    "entrypoint", "rayClusterSpec", "clusterSelector", "runtimeEnvYAML", "jobId",
+    "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
+    "submissionMode", "submitterPodTemplate", "submitterConfig", "backoffLimit", "suspend",
+    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "metadata", "managedBy",
+    "deletionStrategy",
+)
+RAYSERVICE_SPEC_KEYS = (
+    "serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService",
+    "excludeHeadPodFromServeSvc", "deploymentUnhealthySecondThreshold",
+    "serviceUnhealthySecondThreshold", "managedBy",
+)
+
+
+def _containers(group: dict) -> list[dict]:
+    return ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+
+
+def _validate_raycluster_spec(spec: dict, file: str, prefix: str, pin: str) -> list[Problem]:
+    problems = _typo_keys(spec, RAYCLUSTER_SPEC_KEYS, file, prefix)
+    version = str(spec.get("rayVersion", ""))
+    if not version.startswith(pin + "."):
+        problems.append(Problem(file, _join(prefix, "rayVersion"),
+                                f"rayVersion {version or '(missing)'!r} does not match the "
+                                f"pinned Ray {pin}", f"set rayVersion: '{pin}.0'"))
+    head = spec.get("headGroupSpec")
+    if not isinstance(head, dict) or not _containers(head):
+        problems.append(Problem(file, _join(prefix, "headGroupSpec"),
+                                "missing head group (or its template.spec.containers)",
+                                "add headGroupSpec with a ray-head container"))
+        head = {}
+    if head.get("serviceType") in ("LoadBalancer", "NodePort"):
+        problems.append(Problem(file, _join(prefix, "headGroupSpec.serviceType"),
+                                f"{head['serviceType']} exposes 8265/6379/10001 outside the "
+                                "cluster", "use ClusterIP and `kubectl port-forward`"))
+    if head.get("enableIngress"):
+        problems.append(Problem(file, _join(prefix, "headGroupSpec.enableIngress"),
+                                "an Ingress publishes the dashboard/Jobs API",
+                                "remove enableIngress; use `kubectl port-forward`"))
+
+    groups = spec.get("workerGroupSpecs") or []
+    if not groups:
+        problems.append(Problem(file, _join(prefix, "workerGroupSpecs"), "no worker groups",
+                                "add a GPU worker group (minReplicas 0)"))
+    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
+    all_groups = [("headGroupSpec", head)]
+    for i, group in enumerate(groups):
+        key = _join(_join(prefix, "workerGroupSpecs"), i)
+        all_groups.append((key, group))
+        problems += _typo_keys(group, WORKER_GROUP_KEYS, file, key)
+        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
+        replicas = group.get("replicas", lo)
+        if not group.get("groupName"):
+            problems.append(Problem(file, _join(key, "groupName"), "missing", "name the group"))
+        if lo > hi:
+            problems.append(Problem(file, _join(key, "minReplicas"),
+                                    f"minReplicas ({lo}) is above maxReplicas ({hi})",
+                                    "lower minReplicas or raise maxReplicas"))
+        elif not lo <= replicas <= hi:
+            problems.append(Problem(file, _join(key, "replicas"),
+                                    f"replicas ({replicas}) is outside [{lo}, {hi}]",
+                                    "set replicas between minReplicas and maxReplicas"))
+        if lo < hi and not autoscaling:
+            problems.append(Problem(file, _join(prefix, "enableInTreeAutoscaling"),
+                                    f"worker group {group.get('groupName')!r} has a range "
+                                    "but autoscaling is off, so it never scales",
+                                    "set enableInTreeAutoscaling: true"))
+
+    token = (spec.get("authOptions") or {}).get("mode") == "token"
+    for key, group in all_groups:
+        for name, value in (group.get("rayStartParams") or {}).items():
+            if not isinstance(value, str):
+                problems.append(Problem(file, _join(key, f"rayStartParams.{name}"),
+                                        f"value {value!r} is not a string (KubeRay rejects it)",
+                                        f"quote it: '{value}'"))
+        for c, container in enumerate(_containers(group)):
+            ckey = _join(f"{key}.template.spec.containers", c)
+            problems += _image_problems(str(container.get("image", "")), file,
+                                        _join(ckey, "image"), pin)
+            env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+            if not token and env.get("RAY_AUTH_MODE") != "token":
+                problems.append(Problem(file, ckey, "token authentication is off",
+                                        "set spec.authOptions.mode: token (KubeRay >= 1.5.1) or "
+                                        "env RAY_AUTH_MODE=token + RAY_AUTH_TOKEN from a Secret"))
+    return problems
+
+
+def _lint_k8s_exposure(doc: dict, file: str) -> list[Problem]:
+    """A plain Service of type LoadBalancer/NodePort that publishes a sensitive port."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") != "Service" or spec.get("type") not in ("LoadBalancer", "NodePort"):
+        return []
+    return [
+        Problem(file, f"spec.ports[{i}]", f"{spec['type']} Service publishes port "
+                f"{p.get('port')} ({SENSITIVE_PORTS[p.get('port')]})",
+                "use ClusterIP and `kubectl port-forward`, or an authenticated gateway")
+        for i, p in enumerate(spec.get("ports") or [])
+        if p.get("port") in SENSITIVE_PORTS or p.get("targetPort") in SENSITIVE_PORTS
+    ]
+
+
+def validate_kuberay_manifest(doc: dict, file: str) -> list[Problem]:
+    pin = ray_version_pin()
+    kind = doc.get("kind")
+    if kind not in KUBERAY_KINDS:
+        return _lint_k8s_exposure(doc, file)
+    problems = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        problems.append(Problem(file, "apiVersion", f"{doc.get('apiVersion')!r} for {kind}",
+                                "use apiVersion: ray.io/v1 (v1alpha1 is removed)"))
+    spec = doc.get("spec") or {}
+    if kind == "RayCluster":
+        problems += _validate_raycluster_spec(spec, file, "spec", pin)
+    elif kind == "RayJob":
+        problems += _typo_keys(spec, RAYJOB_SPEC_KEYS, file, "spec")
+        if not str(spec.get("entrypoint", "")).strip():
+            problems.append(Problem(file, "spec.entrypoint", "missing or empty",
+                                    "e.g. entrypoint: python tune/search.py --storage-path s3://"))
+        if "rayClusterSpec" in spec:
+            problems += _validate_raycluster_spec(spec["rayClusterSpec"], file,
+                                                  "spec.rayClusterSpec", pin)
+            if not spec.get("shutdownAfterJobFinishes"):
+                problems.append(Problem(file, "spec.shutdownAfterJobFinishes",
+                                        "the cluster (and its GPUs) outlives the job",
+                                        "set shutdownAfterJobFinishes: true", "warning"))
+        elif "clusterSelector" not in spec:
+            problems.append(Problem(file, "spec.rayClusterSpec", "no cluster to run on",
+                                    "add rayClusterSpec or clusterSelector"))
+    else:  # RayService
+        problems += _typo_keys(spec, RAYSERVICE_SPEC_KEYS, file, "spec")
+        problems += _validate_raycluster_spec(spec.get("rayClusterConfig") or {}, file,
+                                              "spec.rayClusterConfig", pin)
+        serve = spec.get("serveConfigV2")
+        if not isinstance(serve, str):
+            problems.append(Problem(file, "spec.serveConfigV2", "missing or not a string",
+                                    "embed the Serve config as a YAML block string (|)"))
+        else:
+            try:
+                serve_cfg = yaml.safe_load(serve)
+            except yaml.YAMLError as e:
+                return problems + [Problem(file, "spec.serveConfigV2", f"bad YAML: {e}",
+                                           "fix the embedded YAML")]
+            problems += validate_serve_config(serve_cfg or {}, file, "spec.serveConfigV2")
+    return problems
+
+
+# --------------------------------------------------------------------------- files and CLI
+
+def config_kind(doc: Any) -> str:
+    """"cluster", "serve", "kuberay" (any Kubernetes object) or "" when unrecognised."""
+    if not isinstance(doc, dict):
+        return ""
+    if "apiVersion" in doc and "kind" in doc:
+        return "kuberay"
+    if "provider" in doc or "available_node_types" in doc or "head_node_type" in doc:
+        return "cluster"
+    if "applications" in doc or "import_path" in doc:
+        return "serve"
+    return ""
+
+
+def validate_file(path: str | Path) -> list[Problem]:
+    """Every problem found in one YAML file (several documents allowed for Kubernetes)."""
+    path = Path(path)
+    file = str(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except OSError as e:
+        return [Problem(file, "(file)", f"cannot read: {e.strerror}", "check the path")]
+    except yaml.YAMLError as e:
+        return [Problem(file, "(file)", f"not valid YAML: {e}", "fix the YAML syntax")]
+    if not docs:
+        return [Problem(file, "(file)", "empty file", "add the configuration")]
+    problems = []
+    for i, doc in enumerate(docs):
+        where = file if len(docs) == 1 else f"{file}[doc {i}]"
+        kind = config_kind(doc)
+        if kind == "cluster":
+            problems += validate_cluster_config(doc, where)
+        elif kind == "serve":
+            problems += validate_serve_config(doc, where)
+        elif kind == "kuberay":
+            problems += validate_kuberay_manifest(doc, where)
+        else:
+            problems.append(Problem(where, "(top level)", "not a Ray cluster, Serve or KubeRay "
+                                    "config", "a cluster YAML has `provider`, a Serve config "
+                                    "`applications`, a manifest `apiVersion` + `kind`"))
+    return problems
+
+
+def shipped_configs(root: Path = REPO_ROOT) -> list[Path]:
+    """The project's own config files: what `raycls validate` checks with no arguments."""
+    found = [root / "cluster" / "config.yaml", root / "cluster" / "local.yaml"]
+    found += sorted((root / "cluster" / "kuberay").glob("*.yaml"))
+    found += sorted((root / "serve").glob("*config*.yaml"))
+    return [p for p in found if p.is_file()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="FILE",
+                        help="YAML files to check (default: cluster/*.yaml, "
+                             "cluster/kuberay/*.yaml and serve/*config*.yaml of this project)")
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.paths] or shipped_configs()
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)} (give paths to YAML files)",
+              file=sys.stderr)
+        return 2
+    failed = False
+    for path in paths:
+        problems = validate_file(path)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        errors = [p for p in problems if p.level == "error"]
+        failed |= bool(errors)
+        print(f"{'FAIL' if errors else 'ok'}: {path}" + (f" ({len(errors)} errors)"
+                                                         if errors else ""))
+    return 1 if failed else 0
