@@ -129,7 +129,7 @@ def translate(images: torch.Tensor, pixels: torch.Tensor, axis: str) -> torch.Te
 def _grey(images: torch.Tensor) -> torch.Tensor:  # (b, 1, H, W) luminance
     if images.shape[1] == 3:
         r, g, b = images.unbind(1)
-        return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+        return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's weights
     return images.mean(1, keepdim=True)
 
 
