@@ -32,9 +32,9 @@ class TrainConfig:
 
     # --- optimisation ---
     num_epochs: int = 10
-    batch_size: int = 256  # global batch, split evenly over workers
+    batch_size: int = 128  # global batch, split evenly over workers
     optimizer: str = "sgd"  # sgd (Nesterov momentum) or adamw
-    lr: float = 0.2  # peak learning rate, reached at the end of warm-up, per global batch
+    lr: float = 0.1  # peak learning rate, reached at the end of warm-up, per global batch
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to 0

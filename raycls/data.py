@@ -253,7 +253,9 @@ def find_cifar10(data_dir: str, download: bool = True) -> Path:
     try:
         return download_cifar10(d)
     except (OSError, urllib.error.URLError) as e:
-        raise DataError(f"cifar10: not found in {d} and the download failed ({e}); {where}") from None
+        raise DataError(
+            f"cifar10: not found in {d} and the download failed ({e}); {where}"
+        ) from None
 
 
 def load_cifar10(data_dir: str, val_fraction: float, seed: int, download: bool = True) -> Dataset:
@@ -263,7 +265,8 @@ def load_cifar10(data_dir: str, val_fraction: float, seed: int, download: bool =
     ty = np.concatenate([p[1] for p in parts])
     vx, vy = read_cifar_batch(folder / "test_batch.bin")
     meta = folder / "batches.meta.txt"
-    classes = [c.strip() for c in meta.read_text().splitlines() if c.strip()] if meta.is_file() else []
+    lines = meta.read_text().splitlines() if meta.is_file() else []
+    classes = [c.strip() for c in lines if c.strip()]
     if len(classes) != 10:
         raise DataError(f"{meta}: expected 10 class names, one per line, found {len(classes)}")
     return _build("cifar10", classes, tx, ty, vx, vy, val_fraction, seed)
@@ -311,7 +314,7 @@ def load_imagefolder(path: str, image_size: int, val_fraction: float, seed: int)
 
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"imagefolder: {root} is not a directory (expected one sub-folder per class)")
+        raise DataError(f"imagefolder: {root} is not a directory (expected a folder per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise DataError(f"imagefolder: {root} needs at least 2 class sub-folders, found {classes}")
@@ -321,7 +324,10 @@ def load_imagefolder(path: str, image_size: int, val_fraction: float, seed: int)
             str(f) for f in (root / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
         )
         if not found:
-            raise DataError(f"imagefolder: class folder {root / c} has no images ({IMAGE_SUFFIXES})")
+            raise DataError(
+                f"imagefolder: class folder {root / c} has no images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         files += found
         labels += [i] * len(found)
     size = image_size or 32

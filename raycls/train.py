@@ -1,0 +1,513 @@
+"""Distributed training: a plain PyTorch loop per worker, run by Ray Train's TorchTrainer.
+
+Reads top to bottom: the per-worker pieces (`train_one_epoch`, `evaluate`), the worker function
+Ray Train runs on every rank (`train_loop_per_worker`), the driver (`run_training`) and the
+`raycls train` command. The Ray-specific lines are few and marked `# ray:`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raycls.augment import build_augment, load_policy_schedule, mix_batch, policy_for_epoch
+from raycls.config import ConfigError, TrainConfig
+from raycls.data import DataError, Dataset, load_dataset
+from raycls.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+
+# Datasets whose labels change under a mirror image (a flipped 2 is no digit): no random flips.
+NO_FLIP_DATASETS = ("digits", "mnist")
+
+
+class RunError(RuntimeError):
+    """A run cannot start or finish as asked; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- per-worker pieces
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
+    return (images.float().div_(255) - mean) / std
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up to the peak lr over `warmup_epochs`, then cosine decay to zero."""
+    total = cfg.num_epochs * steps_per_epoch
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs else 0
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # no weight decay on norm layers and biases (1-d parameters), as in torchvision's references
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def train_one_epoch(
+    model, optimizer, scheduler, images, labels, *, cfg: TrainConfig, augment, mean, std,
+    num_classes: int, batch_size: int, device, generator: torch.Generator,
+) -> tuple[float, int]:
+    """One pass over this worker's shard. Returns (mean loss, images seen)."""
+    model.train()
+    total_loss, seen = 0.0, 0
+    mixing = cfg.aug_mixup_alpha > 0 or cfg.aug_cutmix_alpha > 0
+    steps = len(labels) // batch_size
+    for step in range(steps):
+        x = images[step * batch_size : (step + 1) * batch_size].to(device, non_blocking=True)
+        y = labels[step * batch_size : (step + 1) * batch_size].to(device, non_blocking=True)
+        x = augment(x.float().div_(255), generator)  # (B, C, H, W) in [0, 1]
+        x = (x - mean) / std
+        target = y
+        if mixing:
+            x, target = mix_batch(
+                x, y, num_classes, cfg.aug_mixup_alpha, cfg.aug_cutmix_alpha, generator
+            )
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        seen += len(y)
+    return total_loss / max(1, seen), seen
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, *, mean, std, device, batch_size: int = 512):
+    """(sum of losses, number correct, count) over the given images: summed so ranks can add."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(labels), batch_size):
+        x = normalise(images[i : i + batch_size].to(device), mean, std)
+        y = labels[i : i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss_sum, correct, len(labels)
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum a few scalars over all ranks (no-op on a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:
+    """Test hook: `extra={"fail_at_epoch": E, "fail_mode": "raise"|"exit", "fail_marker": PATH}`
+    makes rank `fail_rank` (default 1) fail once at the start of epoch E (the marker file records
+    that it already failed, so the restarted run goes on)."""
+    spec = cfg.extra
+    if "fail_at_epoch" not in spec or epoch != spec["fail_at_epoch"]:
+        return
+    if rank != spec.get("fail_rank", 1 if cfg.num_workers > 1 else 0):
+        return
+    marker = Path(spec["fail_marker"])
+    if marker.exists() and not spec.get("fail_always"):
+        return
+    marker.write_text(f"failed at epoch {epoch}\n")
+    if spec.get("fail_mode") == "exit":
+        os._exit(1)  # a hard crash: no exception, no cleanup
+    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs. `config` is TrainConfig.to_dict() plus `_data` (an
+    object ref to the dataset arrays, loaded once by the driver)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    ctx = ray.train.get_context()  # ray:
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()  # ray:
+    with warnings.catch_warnings():  # arrays from the object store are read-only; never written
+        warnings.simplefilter("ignore", UserWarning)
+        data = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                for k, v in ray.get(config["_data"]).items()}  # ray: shared via the object store
+    info = data["info"]
+    num_classes = len(info["classes"])
+    mean = torch.tensor(info["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"], device=device).view(1, -1, 1, 1)
+    train_x, train_y = data["train_x"], data["train_y"]
+    val_x, val_y = data["val_x"][rank::world], data["val_y"][rank::world]  # each rank its share
+
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
+    model = build_model(
+        cfg.model, num_classes, info["channels"], info["image_size"], cfg.model_width,
+        cfg.pretrained,
+    ).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # ray: DDP wrapper, moves to device
+    batch_per_worker = max(1, min(cfg.batch_size_per_worker, len(train_y) // world))
+    steps_per_epoch = max(1, len(train_y) // (batch_per_worker * world))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    schedule = load_policy_schedule(cfg.aug_policy_file) if cfg.aug_policy_file else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+
+    start_epoch, best_val_acc, stale = 0, -1.0, 0
+    checkpoint = ray.train.get_checkpoint()  # ray: set after a restart
+    restore_dir = None
+    if checkpoint is not None:
+        restore_dir = checkpoint.to_directory()
+    elif cfg.resume_from:
+        restore_dir = cfg.resume_from  # Tune: PBT exploit or a retried trial
+    if restore_dir:
+        state, meta = load_checkpoint(restore_dir)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"][rank % len(state["rng"])])
+        start_epoch = meta["epoch"] + 1
+        best_val_acc, stale = meta["best_val_acc"], meta["epochs_without_improvement"]
+        if rank == 0:
+            done = meta["epoch"] + 1
+            print(f"[raycls] resumed from {restore_dir} ({done} epochs done)", flush=True)
+
+    mean_std = {"mean": mean, "std": std}
+    for epoch in range(start_epoch, cfg.num_epochs):
+        maybe_inject_failure(cfg, epoch, rank)
+        policy = policy_for_epoch(schedule, epoch) if schedule else cfg.aug_policy
+        augment = build_augment(
+            policy, channels=info["channels"], image_size=info["image_size"],
+            allow_flip=info["name"] not in NO_FLIP_DATASETS,
+        )
+        # the same permutation on every rank, then each takes its own slice
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
+            cfg.seed * 100_003 + epoch))[: steps_per_epoch * batch_per_worker * world]
+        shard = order[rank::world]
+        t0 = time.perf_counter()
+        train_loss, seen = train_one_epoch(
+            model, optimizer, scheduler, train_x[shard], train_y[shard], cfg=cfg,
+            augment=augment, num_classes=num_classes, batch_size=batch_per_worker,
+            device=device, generator=generator, **mean_std,
+        )
+        train_time = time.perf_counter() - t0
+        val_loss, correct, count = evaluate(model, val_x, val_y, device=device, **mean_std)
+        loss_sum, seen_all, val_loss, correct, count = all_sum(
+            [train_loss * seen, seen, val_loss, correct, count], device
+        )
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1, seen_all),
+            "val_loss": val_loss / max(1, count),
+            "val_acc": correct / max(1, count),
+            "images_per_s": seen_all / max(train_time, 1e-9),  # all ranks step in lockstep
+            "epoch_time_s": time.perf_counter() - t0,
+            "train_time_s": train_time,
+            "aug_policy": augment.policy,
+        }
+        improved = metrics["val_acc"] > best_val_acc
+        best_val_acc, stale = max(best_val_acc, metrics["val_acc"]), 0 if improved else stale + 1
+        stop_early = cfg.early_stop_patience and stale >= cfg.early_stop_patience
+        metrics["should_stop"] = bool(stop_early)
+
+        rngs = gather_rng(generator, device, world)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:  # ray: rank 0 alone writes the checkpoint
+                save_checkpoint(
+                    tmp,
+                    {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rngs},
+                    {"config": cfg.to_dict(), "data": info, "epoch": epoch, "metrics": metrics,
+                     "best_val_acc": best_val_acc, "epochs_without_improvement": stale},
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                print(
+                    f"[raycls] epoch {epoch + 1}/{cfg.num_epochs} "
+                    f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
+                    f"val_acc {metrics['val_acc']:.4f} images/s {metrics['images_per_s']:.0f} "
+                    f"time {metrics['epoch_time_s']:.1f}s aug {augment.policy}",
+                    flush=True,
+                )
+            ray.train.report(metrics, checkpoint=ckpt)  # ray: every rank reports every epoch
+        if stop_early:
+            if rank == 0:
+                print(f"[raycls] early stop: no val_acc gain for {stale} epochs", flush=True)
+            break
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def gather_rng(generator: torch.Generator, device, world: int) -> list[torch.Tensor]:
+    """Every rank's augmentation RNG state, so a resumed run continues each rank's stream."""
+    state = generator.get_state()
+    if world == 1 or not dist.is_initialized():
+        return [state]
+    states = [torch.empty_like(state) for _ in range(world)]
+    if device.type == "cuda":  # NCCL gathers CUDA tensors only
+        moved = [s.to(device) for s in states]
+        dist.all_gather(moved, state.to(device))
+        return [s.cpu() for s in moved]
+    dist.all_gather(states, state)
+    return states
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def new_run_name(cfg: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.dataset.split(':')[0]}-{cfg.model}-{stamp}-{secrets.token_hex(2)}"
+
+
+def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
+    """New runs get a unique name; a finished run is never silently reused."""
+    storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
+    if resume:
+        run_dir = Path(storage) / resume
+        if "://" not in storage and not run_dir.is_dir():
+            raise RunError(f"--resume {resume}: no run directory {run_dir}")
+        if (run_dir / "result.json").exists():
+            raise RunError(f"--resume {resume}: the run already finished ({run_dir}/result.json)")
+        saved = run_dir / "raycls_config.json"
+        if saved.exists():  # resume with the run's own config, not today's defaults
+            previous = json.loads(saved.read_text())
+            cfg = TrainConfig.from_dict({**previous, "storage_path": storage, "name": resume})
+        return cfg.replace(name=resume, storage_path=storage)
+    name = cfg.name or new_run_name(cfg)
+    run_dir = Path(storage) / name
+    if "://" not in storage and run_dir.exists():
+        finished = (run_dir / "result.json").exists()
+        raise RunError(
+            f"run {name!r} already exists in {storage} "
+            f"({'finished' if finished else 'unfinished'}); "
+            + ("choose another --name" if finished else f"continue it with --resume {name}")
+        )
+    return cfg.replace(name=name, storage_path=storage)
+
+
+def dataset_payload(ds: Dataset) -> dict[str, Any]:
+    return {
+        "info": ds.describe(),
+        "train_x": ds.train.images.numpy(), "train_y": ds.train.labels.numpy(),
+        "val_x": ds.val.images.numpy(), "val_y": ds.val.labels.numpy(),
+    }
+
+
+def build_trainer(cfg: TrainConfig, data_ref, callbacks=None):
+    """The TorchTrainer for a run; shared by `raycls train` and each Tune trial."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**cfg.to_dict(), "_data": data_ref},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": 1 if cfg.use_gpu else 0},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_acc",
+                checkpoint_score_order="max",
+            ),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def test_accuracy(checkpoint_dir: str, ds: Dataset) -> tuple[float, float]:
+    """(test_acc, test_loss) of a checkpoint on the dataset's test split, on this process's CPU."""
+    from raycls.models import model_from_checkpoint
+
+    model, meta = model_from_checkpoint(checkpoint_dir)
+    mean = torch.tensor(meta["data"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(meta["data"]["std"]).view(1, -1, 1, 1)
+    loss, correct, count = evaluate(
+        model, ds.test.images, ds.test.labels, mean=mean, std=std, device=torch.device("cpu")
+    )
+    return correct / count, loss / count
+
+
+def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset | None = None):
+    """Train (or resume) one run and return its result dict (also written to result.json)."""
+    import ray
+    import ray.train
+
+    cfg = resolve_run(cfg, resume)
+    ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction,
+                                 cfg.seed)
+    if cfg.aug_policy_file:
+        load_policy_schedule(cfg.aug_policy_file)  # fail now, not inside every worker
+    build_augment(cfg.aug_policy, channels=ds.channels, image_size=ds.image_size,
+                  allow_flip=ds.name not in NO_FLIP_DATASETS)
+    run_dir = Path(cfg.storage_path) / cfg.name
+    if "://" not in cfg.storage_path:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "raycls_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    print(
+        f"[raycls] run {cfg.name}: {ds.name} ({len(ds.train)} train / {len(ds.val)} val / "
+        f"{len(ds.test)} test, {ds.channels}x{ds.image_size}x{ds.image_size}), model {cfg.model}, "
+        f"{cfg.num_workers} worker(s), {cfg.num_epochs} epochs, batch {cfg.batch_size} -> "
+        f"{cfg.storage_path}/{cfg.name}",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    data_ref = ray.put(dataset_payload(ds))
+    try:
+        result = build_trainer(cfg, data_ref).fit()
+    except ray.train.TrainingFailedError as e:
+        raise RunError(
+            f"training failed: {e}\nThe run's checkpoints are kept: continue it with "
+            f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`"
+        ) from None
+    train_time = time.perf_counter() - t0
+    if not result.best_checkpoints:
+        raise RunError("training produced no checkpoint")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
+    with best_ckpt.as_directory() as d:
+        test_acc, test_loss = test_accuracy(d, ds)
+    history = result.metrics_dataframe
+    summary = {
+        "name": cfg.name,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "val_acc": best_metrics["val_acc"],
+        "best_epoch": best_metrics["epoch"],
+        "epochs": int(history["epoch"].max()) if history is not None else best_metrics["epoch"],
+        "checkpoint": best_ckpt.path,
+        "images_per_s": float(np.median(history["images_per_s"])) if history is not None else 0,
+        "train_time_s": train_time,
+        "config": cfg.to_dict(),
+        "classes": ds.classes,
+    }
+    if "://" not in cfg.storage_path:
+        if history is not None:
+            plot_curves(history, run_dir / "curves.png", cfg.name)
+        (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"[raycls] done: test_acc {test_acc:.4f} (best val_acc {summary['val_acc']:.4f} at epoch "
+        f"{summary['best_epoch']}), {train_time:.1f}s; best checkpoint {summary['checkpoint']}",
+        flush=True,
+    )
+    return summary
+
+
+def plot_curves(history, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(h["epoch"], h["train_loss"], label="train_loss")
+    a.plot(h["epoch"], h["val_loss"], label="val_loss")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
+    b.plot(h["epoch"], h["val_acc"], label="val_acc", color="tab:green")
+    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the command
+
+FLAG_HELP = {
+    "dataset": "digits | mnist | fashion-mnist | cifar10 | imagefolder:PATH | parquet:PATH",
+    "aug_policy_file": "a PBA schedule JSON (from a search) to train with; overrides --aug-policy",
+    "resume_from": "start from this checkpoint directory (weights, optimizer, epoch)",
+    "max_failures": "worker-group restarts allowed (Ray Train FailureConfig)",
+    "storage_path": "where runs are written (local path, NFS or s3://)",
+}
+SKIP_FLAGS = {"extra"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (kebab-case), with its default in the help."""
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SKIP_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{FLAG_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+    parser.add_argument("--epochs", dest="num_epochs", type=int, help="alias of --num-epochs")
+    parser.add_argument("--policy-file", dest="aug_policy_file", help="alias of --aug-policy-file")
+    parser.add_argument("--resume", metavar="RUN", help="continue the unfinished run named RUN")
+    parser.add_argument("--json", action="store_true", help="print result.json as the last line")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - SKIP_FLAGS
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig.from_dict(values)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    try:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True, configure_logging=False)
+        summary = run_training(cfg, resume=args.resume)
+    except (RunError, DataError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary))
+    return 0
