@@ -1,0 +1,207 @@
+"""`raycls evaluate BUNDLE`: measure a bundle on a test split through onnxruntime.
+
+This is how anyone checks a bundle's claims: test-split top-1 and top-5 accuracy, a per-class
+precision/recall/F1 report, macro one-vs-rest ROC AUC and a confusion-matrix PNG, computed from the
+bundle's own ONNX model (verified by sha256 on load), compared with what bundle.json claims.
+Runs on the CPU; needs no GPU and no Ray cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raycls.bundle import Bundle, BundleError, load_bundle, softmax
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory written by `raycls export`")
+    parser.add_argument(
+        "--dataset", default=None, help="dataset name (default: the one the bundle was trained on)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="dataset location (default: the bundle config's)"
+    )
+    parser.add_argument("--int8", action="store_true", help="evaluate the bundle's INT8 model")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where the confusion-matrix PNG and report go (default: reports/<bundle name>)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="images per onnxruntime call (default 256)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as a last JSON line")
+
+
+def bundle_logits(bundle: Bundle, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate(
+        [bundle.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    )
+
+
+def compute_metrics(labels: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Top-1/top-5 accuracy, per-class report, macro OvR ROC AUC and the confusion matrix."""
+    from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+
+    probs = softmax(logits)
+    k = len(classes)
+    pred = probs.argmax(1)
+    top5 = np.argsort(-probs, axis=1)[:, : min(5, k)]
+    indices = list(range(k))
+    report = classification_report(
+        labels, pred, labels=indices, target_names=classes, output_dict=True, zero_division=0
+    )
+    text = classification_report(
+        labels, pred, labels=indices, target_names=classes, digits=4, zero_division=0
+    )
+    try:
+        if k == 2:
+            auc = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            # roc_auc_score wants rows summing to exactly 1; float32 softmax is off by ~1e-7
+            p64 = probs.astype(np.float64)
+            p64 /= p64.sum(axis=1, keepdims=True)
+            auc = float(
+                roc_auc_score(labels, p64, multi_class="ovr", average="macro", labels=indices)
+            )
+    except ValueError:  # a class absent from the labels: AUC is undefined for it
+        auc = None
+    return {
+        "num_images": int(len(labels)),
+        "test_acc": float((pred == labels).mean()),
+        "top5_acc": float((top5 == labels[:, None]).any(axis=1).mean()),
+        "roc_auc_macro_ovr": auc,
+        "per_class": {
+            c: {
+                "precision": report[c]["precision"],
+                "recall": report[c]["recall"],
+                "f1": report[c]["f1-score"],
+                "support": int(report[c]["support"]),
+            }
+            for c in classes
+        },
+        "confusion_matrix": confusion_matrix(labels, pred, labels=indices).tolist(),
+        "report_text": text,
+    }
+
+
+def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(matrix)
+    k = len(classes)
+    size = max(4.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    # row-normalised colours (recall per class), raw counts as text
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                color = "white" if norm[i, j] > 0.5 else "black"
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_bundle(
+    bundle_path: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    int8: bool = False,
+    output_dir: str | Path | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Evaluate a bundle on a dataset's test split; writes the PNG and report.json."""
+    from raycls.data import DataError, load_dataset
+
+    bundle = load_bundle(bundle_path, int8=int8)
+    cfg = bundle.meta.get("config", {})
+    name = dataset or cfg.get("dataset")
+    if not name:
+        raise BundleError(f"{bundle.path}: bundle.json has no training config; pass --dataset")
+    try:
+        ds = load_dataset(
+            name,
+            data_dir=data_dir or cfg.get("data_dir", "data"),
+            image_size=bundle.height,
+            val_fraction=cfg.get("val_fraction", 0.1),
+            seed=cfg.get("seed", 0),
+        )
+    except DataError as e:
+        raise BundleError(f"cannot load dataset {name!r}: {e} (set --data-dir)") from None
+    if ds.channels != bundle.channels or list(ds.classes) != bundle.classes:
+        raise BundleError(
+            f"dataset {name!r} ({ds.channels} channels, classes {list(ds.classes)[:5]}...) does "
+            f"not match the bundle ({bundle.channels} channels, classes {bundle.classes[:5]}...)"
+        )
+    images, labels = ds.test.images.numpy(), ds.test.labels.numpy()
+    logits = bundle_logits(bundle, images, batch_size)
+    figures = compute_metrics(labels, logits, bundle.classes)
+    out = Path(output_dir) if output_dir else Path("reports") / bundle.name
+    png = out / ("confusion_matrix.int8.png" if int8 else "confusion_matrix.png")
+    title = f"{bundle.name} ({bundle.model_file}) on {name} test: acc {figures['test_acc']:.4f}"
+    plot_confusion_matrix(figures["confusion_matrix"], bundle.classes, png, title)
+    claimed = bundle.meta.get("metrics", {})
+    claimed_key = "int8_test_acc" if int8 else "onnx_test_acc"
+    result = {
+        "bundle": str(bundle.path),
+        "model_file": bundle.model_file,
+        "dataset": name,
+        **{k: v for k, v in figures.items() if k != "report_text"},
+        "claimed_test_acc": claimed.get("test_acc"),
+        f"claimed_{claimed_key}": claimed.get(claimed_key),
+        "confusion_matrix_png": str(png),
+    }
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["report_text"] = figures["report_text"]
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        print(f"error: --batch-size {args.batch_size}: must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        r = evaluate_bundle(
+            args.bundle,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            int8=args.int8,
+            output_dir=args.output_dir,
+            batch_size=args.batch_size,
+        )
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    auc = r["roc_auc_macro_ovr"]
+    print(
+        f"{r['bundle']} ({r['model_file']}) on {r['dataset']} test split, {r['num_images']} images"
+    )
+    print(r.pop("report_text"))
+    print(f"top-1 accuracy  {r['test_acc']:.4f}")
+    print(f"top-5 accuracy  {r['top5_acc']:.4f}")
+    print(f"macro OvR AUC   {auc:.4f}" if auc is not None else "macro OvR AUC   undefined")
+    claimed = r["claimed_test_acc"]
+    if isinstance(claimed, float):
+        gap = (r["test_acc"] - claimed) * 100
+        print(f"training test_acc {claimed:.4f} (measured {gap:+.2f} points against it)")
+    print(f"confusion matrix {r['confusion_matrix_png']}")
+    if args.json:
+        print(json.dumps(r))
+    return 0
