@@ -307,6 +307,35 @@ def _unknown_serve_keys(data: Any, model: type, file: str, prefix: str) -> list[
     return problems
 
 
+def _raycls_app_problems(app: dict, file: str, app_key: str) -> list[Problem]:
+    """For raycls's own application: `args` keys are ServeArgs fields and deployment names exist
+    (Serve would fail at deploy time, on the cluster, for either)."""
+    if app.get("import_path") not in ("raycls.deploy", "raycls:deploy"):
+        return []
+    try:  # imports Ray Serve and onnxruntime; a config check must not need them to work
+        import dataclasses
+
+        from ray import serve
+
+        from raycls import serving
+    except ImportError:
+        return []
+    problems = []
+    fields = [f.name for f in dataclasses.fields(serving.ServeArgs)]
+    for key in app.get("args") or {}:
+        if key not in fields:
+            problems.append(Problem(file, _join(app_key, f"args.{key}"),
+                                    "unknown raycls.deploy argument", _suggest(key, fields)))
+    names = [d.name for d in vars(serving).values() if isinstance(d, serve.Deployment)]
+    for d, dep in enumerate(app.get("deployments") or []):
+        name = (dep or {}).get("name")
+        if name not in names:
+            problems.append(Problem(file, _join(_join(app_key, "deployments"), d) + ".name",
+                                    f"raycls.deploy has no deployment {name!r}",
+                                    f"use one of: {', '.join(names)}"))
+    return problems
+
+
 def validate_serve_config(cfg: dict, file: str, prefix: str = "") -> list[Problem]:
     """A Serve config file: multi-app (`applications:`) or a single application."""
     from pydantic import ValidationError
@@ -328,6 +357,8 @@ def validate_serve_config(cfg: dict, file: str, prefix: str = "") -> list[Proble
     apps = cfg.get("applications", []) if model is ServeDeploySchema else [cfg]
     for a, app in enumerate(apps if isinstance(apps, list) else []):
         app_key = _join(_join(prefix, "applications"), a) if model is ServeDeploySchema else prefix
+        if isinstance(app, dict):
+            problems += _raycls_app_problems(app, file, app_key)
         for d, dep in enumerate((app or {}).get("deployments") or []):
             dep_key = _join(_join(app_key, "deployments"), d)
             auto = (dep or {}).get("autoscaling_config")
