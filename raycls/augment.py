@@ -578,6 +578,11 @@ class Augment:
                 f"augment expects float images (B, C, H, W) in [0, 1], got {images.dtype} "
                 f"{tuple(images.shape)}; convert uint8 with images.float() / 255"
             )
+        if images.shape[1] != self.channels:
+            raise ValueError(
+                f"augment was built for {self.channels}-channel images, got "
+                f"{images.shape[1]} channels; build it with the dataset's channels"
+            )
         if len(images) == 0 or self.policy == "none":
             return images
         rng = _Rng(generator, images.device)

