@@ -27,6 +27,7 @@ TrivialAugment "wide" ranges), with one change: magnitude 0 is always the identi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -48,6 +49,7 @@ __all__ = [
     "mix_batch",
     "parse_policy",
     "policy_for_epoch",
+    "policy_slug",
     "save_policy_schedule",
 ]
 
@@ -556,6 +558,17 @@ def canonical_policy(policy: str, *, image_size: int = 32, allow_flip: bool = Tr
     return str(parse_policy(policy, image_size=image_size, allow_flip=allow_flip))
 
 
+def policy_slug(policy: str, max_len: int = 60) -> str:
+    """A file-name-safe short form of a policy for run and trial names: PBA strings hold "/" (a
+    path separator) and can run to 300 characters, past file-name limits. Long ones keep their
+    start and a hash, so distinct policies keep distinct names."""
+    slug = re.sub(r"[^a-z0-9._-]+", "_", policy.lower()).strip("_") or "none"
+    if len(slug) <= max_len:
+        return slug
+    digest = hashlib.sha1(policy.encode()).hexdigest()[:8]
+    return f"{slug[: max_len - 9]}_{digest}"
+
+
 # ----------------------------------------------------------------------------- the callable
 
 
@@ -666,7 +679,9 @@ def _check_schedule(schedule: object, where: str) -> list[tuple[int, str]]:
             raise ValueError(
                 f"{where}: start epochs must strictly increase, got {entry[0]} after {out[-1][0]}"
             )
-        policy = entry[1] if entry[1] == "default" else canonical_policy(entry[1])
+        # "default" stays symbolic: it resolves per dataset when the worker builds it
+        is_default = entry[1].strip().lower() == "default"
+        policy = "default" if is_default else canonical_policy(entry[1])
         out.append((entry[0], policy))
     if out[0][0] != 0:
         raise ValueError(f"{where}: the first entry must start at epoch 0, got {out[0][0]}")

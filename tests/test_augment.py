@@ -26,6 +26,7 @@ from raycls.augment import (
     mix_batch,
     parse_policy,
     policy_for_epoch,
+    policy_slug,
     save_policy_schedule,
 )
 
@@ -342,6 +343,15 @@ def test_flip_refused_where_not_allowed() -> None:
         build_augment("crop3-flip", channels=1, image_size=28, allow_flip=False)
 
 
+def test_policy_slug_is_file_name_safe_and_distinct() -> None:
+    assert policy_slug("crop4-flip-rand-n2-m9") == "crop4-flip-rand-n2-m9"
+    assert policy_slug("pba:rotate=0.3/5") == "pba_rotate_0.3_5"
+    full = "pba:" + ",".join(f"{n}=0.5/5" for n in A.PBA_OPS)
+    other = full.replace("cutout=0.5/5", "cutout=0.4/5")
+    assert len(policy_slug(full)) <= 60 and "/" not in policy_slug(full)
+    assert policy_slug(full) != policy_slug(other)
+
+
 PBA_TABLES = st.dictionaries(
     st.sampled_from(A.PBA_OPS),
     st.tuples(st.integers(0, 10).map(lambda t: t / 10), st.integers(0, 9)),
@@ -428,7 +438,7 @@ def test_schedule_save_load_round_trip(tmp_path) -> None:
 
 def test_schedule_accepts_a_bare_list_and_canonicalises(tmp_path) -> None:
     path = tmp_path / "s.json"
-    path.write_text(json.dumps([[0, "flip-crop4"], [5, "default"]]))
+    path.write_text(json.dumps([[0, "flip-crop4"], [5, "Default"]]))
     assert load_policy_schedule(str(path)) == [(0, "crop4-flip"), (5, "default")]
 
 
