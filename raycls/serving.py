@@ -613,6 +613,7 @@ class Ingress(_ModelReplica):
             "model_file": spec["model_file"], "top_k": spec["top_k"],
             "max_body_bytes": a.max_body_bytes, "max_pixels": a.max_pixels,
             "max_images": a.max_images, "formats": list(self._formats),
+            "replica": serve.get_replica_context().replica_id.unique_id,
         }  # fmt: skip
         if self.classifier is None:
             serving["max_batch_size"] = self._model_args.max_batch_size
@@ -663,11 +664,10 @@ def _scaling(lo: int, hi: int, target: float) -> dict[str, Any]:
 def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application for already-validated, resolved arguments.
 
-    The user_config keys (model, batching, top_k) travel only in `user_config`; the constructor
-    gets their defaults, so a new model path changes nothing but the user_config and Serve swaps it
-    in place through `reconfigure` instead of restarting replicas.
+    The model path and batching knobs also go into `user_config`: a `serve deploy` that changes
+    only a deployment's `user_config` (not the app's `args`, which Serve hashes into the code
+    version and answers with new replicas) swaps them in place through `reconfigure`.
     """
-    static = replace(args, **{k: getattr(ServeArgs, k) for k in USER_CONFIG_KEYS})
     common = {
         "max_ongoing_requests": args.max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
@@ -680,7 +680,7 @@ def build_app(args: ServeArgs) -> serve.Application:
             **_scaling(args.min_replicas, args.max_replicas, args.target_ongoing_requests),
             ray_actor_options={"num_cpus": args.num_cpus},
             user_config=user_config_of(args),
-        ).bind(static)
+        ).bind(args)
     classifier = Classifier.options(
         **common,
         **_scaling(
@@ -690,12 +690,12 @@ def build_app(args: ServeArgs) -> serve.Application:
         ),
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         user_config=user_config_of(args),
-    ).bind(static)
+    ).bind(args)
     return Ingress.options(
         **common,
         **_scaling(args.min_replicas, args.max_replicas, args.target_ongoing_requests),
         ray_actor_options={"num_cpus": args.num_cpus},
-    ).bind(static, classifier)
+    ).bind(args, classifier)
 
 
 def deploy(args: dict[str, Any]) -> serve.Application:

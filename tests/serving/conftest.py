@@ -1,0 +1,132 @@
+"""One bundle and one local Ray + Serve for all serving tests, deployed like `serve deploy`.
+
+RAYCLS_TEST_SERVE_MODE=fast (default) runs Serve throughput-optimized with HAProxy on the HTTP
+port, as the README and serve/config.yaml do; =default runs Serve's stock HTTP proxy. Both modes
+must pass. RAYCLS_TEST_SERVE_LAYOUT=single (default) | split picks the deployment layout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))  # bundles.py helpers
+
+SERVE_MODE = os.environ.get("RAYCLS_TEST_SERVE_MODE", "fast")
+LAYOUT = os.environ.get("RAYCLS_TEST_SERVE_LAYOUT", "single")
+FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Serve reads these when its modules are imported and Ray's processes inherit them when Ray
+    # starts, so they must be set before either happens (pytest_configure runs before collection).
+    if SERVE_MODE not in ("fast", "default"):
+        raise pytest.UsageError(f"RAYCLS_TEST_SERVE_MODE={SERVE_MODE!r}: use fast or default")
+    if LAYOUT not in ("single", "split"):
+        raise pytest.UsageError(f"RAYCLS_TEST_SERVE_LAYOUT={LAYOUT!r}: use single or split")
+    if SERVE_MODE == "fast":
+        os.environ.update(FAST_ENV)
+    else:
+        for k in FAST_ENV:
+            os.environ.pop(k, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Bundle A (`digits`) plus bundle B (`digits-b`, another seed) for the hot-swap test."""
+    from bundles import build_digits_bundle
+
+    root = tmp_path_factory.mktemp("models")
+    a = build_digits_bundle(root / "digits", name="digits", seed=0)
+    b = build_digits_bundle(root / "digits-b", name="digits-b", seed=1)
+    return {"root": root, "a": a, "b": b}
+
+
+def serve_config(model: Path, port: int) -> dict[str, Any]:
+    """serve/config.yaml with the test's bundle, port and layout, plus a deliberately small app
+    (`/small`: one request at a time, one queued) for the overload test."""
+    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    main = cfg["applications"][0]
+    main["args"].update(model=str(model), split=LAYOUT == "split", max_batch_size=16)
+    for d in main["deployments"]:
+        # 2 cores shared by everyone: fixed single replicas, fractional CPUs
+        d.pop("autoscaling_config", None)
+        d["num_replicas"] = 1
+        d["ray_actor_options"]["num_cpus"] = 0.5
+        d["health_check_period_s"] = 2  # the broken-session test waits for a replacement
+    if LAYOUT == "single":
+        main["deployments"] = [d for d in main["deployments"] if d["name"] == "Ingress"]
+    small = {
+        "name": "small",
+        "route_prefix": "/small",
+        "import_path": "raycls.deploy",
+        "args": {"model": str(model), "split": False, "max_ongoing_requests": 1,
+                 "max_queued_requests": 1, "num_cpus": 0.25},  # fmt: skip
+    }
+    cfg["applications"].append(small)
+    return cfg
+
+
+def deploy_config(cfg: dict[str, Any]) -> None:
+    """What `serve deploy` / `serve run config.yaml` do: validate and submit the whole config."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(cfg)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+    )
+    client.deploy_apps(schema, _blocking=False)
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
+
+
+@pytest.fixture(scope="session")
+def serve_stack(ray_session, bundles: dict[str, Any]) -> dict[str, Any]:
+    """Both apps deployed from serve/config.yaml on the session's local Ray (tests/conftest.py)."""
+    from ray import serve
+
+    port = free_port()
+    cfg = serve_config(bundles["a"]["path"], port)
+    deploy_config(cfg)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base + "/readyz")
+    wait_ready(base + "/small/readyz")
+    yield {"url": base, "config": cfg, "port": port, "mode": SERVE_MODE, "layout": LAYOUT}
+    for name in ("raycls", "small"):
+        serve.delete(name, _blocking=False)
+
+
+@pytest.fixture(scope="session")
+def url(serve_stack: dict[str, Any]) -> str:
+    return serve_stack["url"]
