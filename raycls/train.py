@@ -205,8 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = meta["epoch"] + 1
         best_val_acc, stale = meta["best_val_acc"], meta["epochs_without_improvement"]
         if rank == 0:
-            done = meta["epoch"] + 1
-            print(f"[raycls] resumed from {restore_dir} ({done} epochs done)", flush=True)
+            log(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done)")
 
     mean_std = {"mean": mean, "std": std}
     for epoch in range(start_epoch, cfg.num_epochs):
@@ -240,6 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_time_s": time.perf_counter() - t0,
             "train_time_s": train_time,
             "aug_policy": augment.policy,
+            "start_epoch": start_epoch,  # epochs already done when this worker group started
         }
         improved = metrics["val_acc"] > best_val_acc
         best_val_acc, stale = max(best_val_acc, metrics["val_acc"]), 0 if improved else stale + 1
@@ -247,29 +247,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["should_stop"] = bool(stop_early)
 
         rngs = gather_rng(generator, device, world)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:  # ray: rank 0 alone writes the checkpoint
-                save_checkpoint(
-                    tmp,
-                    {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": rngs},
-                    {"config": cfg.to_dict(), "data": info, "epoch": epoch, "metrics": metrics,
-                     "best_val_acc": best_val_acc, "epochs_without_improvement": stale},
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                print(
-                    f"[raycls] epoch {epoch + 1}/{cfg.num_epochs} "
-                    f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
-                    f"val_acc {metrics['val_acc']:.4f} images/s {metrics['images_per_s']:.0f} "
-                    f"time {metrics['epoch_time_s']:.1f}s aug {augment.policy}",
-                    flush=True,
-                )
-            ray.train.report(metrics, checkpoint=ckpt)  # ray: every rank reports every epoch
+        ckpt = None
+        if rank == 0:  # ray: rank 0 alone writes the checkpoint
+            # Ray uploads it in a background thread and then deletes this directory, so the next
+            # epoch starts without waiting for the controller to collect the report.
+            tmp = tempfile.mkdtemp(prefix="raycls-ckpt-")
+            save_checkpoint(
+                tmp,
+                {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rngs},
+                {"config": cfg.to_dict(), "data": info, "epoch": epoch, "metrics": metrics,
+                 "best_val_acc": best_val_acc, "epochs_without_improvement": stale},
+            )
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            log(
+                f"epoch {epoch + 1}/{cfg.num_epochs} "
+                f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
+                f"val_acc {metrics['val_acc']:.4f} images/s {metrics['images_per_s']:.0f} "
+                f"time {metrics['epoch_time_s']:.1f}s aug {augment.policy}"
+            )
+        ray.train.report(  # ray: every rank reports every epoch
+            metrics, checkpoint=ckpt,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
         if stop_early:
             if rank == 0:
-                print(f"[raycls] early stop: no val_acc gain for {stale} epochs", flush=True)
+                log(f"early stop: no val_acc gain for {stale} epochs")
             break
+
+
+def log(message: str) -> None:
+    """One progress line from a worker. Written to the real stdout: Ray Train V2 also routes
+    `print` through its own logger, which shows every line twice on the driver."""
+    sys.__stdout__.write(f"[raycls] {message}\n")
+    sys.__stdout__.flush()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -355,6 +366,8 @@ def build_trainer(cfg: TrainConfig, data_ref, callbacks=None):
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
+            # Ray Train logs every report with all its metrics at INFO; our epoch line says it
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -380,10 +393,13 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     cfg = resolve_run(cfg, resume)
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction,
                                  cfg.seed)
+    # check every policy against this dataset now, not later inside every worker
+    policies = [cfg.aug_policy]
     if cfg.aug_policy_file:
-        load_policy_schedule(cfg.aug_policy_file)  # fail now, not inside every worker
-    build_augment(cfg.aug_policy, channels=ds.channels, image_size=ds.image_size,
-                  allow_flip=ds.name not in NO_FLIP_DATASETS)
+        policies += [p for _, p in load_policy_schedule(cfg.aug_policy_file)]
+    for policy in policies:
+        build_augment(policy, channels=ds.channels, image_size=ds.image_size,
+                      allow_flip=ds.name not in NO_FLIP_DATASETS)
     run_dir = Path(cfg.storage_path) / cfg.name
     if "://" not in cfg.storage_path:
         run_dir.mkdir(parents=True, exist_ok=True)
