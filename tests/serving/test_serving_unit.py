@@ -1,0 +1,257 @@
+"""Serving without a cluster: builder arguments, serve/config.yaml against Serve's own schema,
+the model holder's health check and batching split, and the no-torch rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "serve" / "config.yaml"
+
+
+# ----------------------------------------------------------------------------- builder arguments
+
+
+def test_parse_args_types_and_defaults():
+    from raycls.serving import parse_args
+
+    a = parse_args({"top_k": "3", "split": "true", "num_gpus": "0.5", "max_body_bytes": "2048"})
+    assert (a.top_k, a.split, a.num_gpus, a.max_body_bytes) == (3, True, 0.5, 2048)
+    assert a.is_split
+    assert not parse_args({}).is_split  # CPU default: one deployment
+    assert parse_args({"num_gpus": 1}).is_split  # a GPU implies the split layout
+    assert parse_args({"split": "auto"}).split is None
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ({"topk": "3"}, "did you mean top_k"),
+        ({"top_k": "three"}, "top_k='three': expected a whole number"),
+        ({"top_k": "0"}, "top_k must be at least 1"),
+        ({"split": "maybe"}, "expected true or false"),
+        ({"min_replicas": "3", "max_replicas": "2"}, "min_replicas <= max_replicas"),
+        ({"batch_wait_timeout_s": "nan"}, "finite"),
+        ({"max_queued_requests": "0"}, "max_queued_requests"),
+        ({"split": "false", "num_gpus": "1"}, "num_gpus > 0 needs split=true"),
+    ],
+)
+def test_parse_args_refuses_with_a_clear_message(args, needle):
+    from raycls.serving import ServeConfigError, parse_args
+
+    with pytest.raises(ServeConfigError, match=needle.replace("(", r"\(")):
+        parse_args(args)
+
+
+def test_deploy_builds_both_layouts(bundles):
+    from ray.serve import Application
+
+    import raycls
+
+    path = str(bundles["a"]["path"])
+    assert isinstance(raycls.deploy({"model": path}), Application)
+    assert isinstance(raycls.deploy({"model": path, "split": "true"}), Application)
+
+
+def test_deploy_finds_newest_bundle_and_refuses_missing_or_tampered(bundles, tmp_path):
+    from raycls import bundle as bundle_lib
+    from raycls.serving import ServeConfigError, parse_args, resolve_model
+
+    resolved = resolve_model(parse_args({"models_root": str(bundles["root"])}))
+    assert Path(resolved.model).is_absolute() and Path(resolved.model).parent == bundles["root"]
+    with pytest.raises(ServeConfigError, match="no bundle found"):
+        resolve_model(parse_args({"models_root": str(tmp_path / "empty")}))
+    # a bundle whose model bytes changed after export is refused before anything starts
+    bad = tmp_path / "bad"
+    meta = json.loads((bundles["a"]["path"] / "bundle.json").read_text())
+    meta.pop("sha256")
+    onnx = (bundles["a"]["path"] / "model.onnx").read_bytes()
+    bundle_lib.write_bundle(bad, meta, {"model.onnx": onnx})
+    (bad / "model.onnx").write_bytes(onnx + b"\0")
+    with pytest.raises(ServeConfigError, match="sha256 mismatch"):
+        resolve_model(parse_args({"model": str(bad)}))
+
+
+def test_serve_run_with_a_wrong_argument_fails_before_ray_starts(tmp_path):
+    """`serve run raycls.deploy topk=3`: the builder's error, no Ray cluster started."""
+    serve_bin = Path(sys.executable).parent / "serve"
+    out = subprocess.run(
+        [str(serve_bin), "run", "raycls.deploy", "topk=3"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "unknown argument 'topk': did you mean top_k?" in text
+    assert "Started a local Ray instance" not in text
+
+
+def test_import_raycls_is_light_and_serving_imports_no_torch():
+    code = (
+        "import sys, raycls; assert 'ray' not in sys.modules, 'import raycls pulled in Ray';"
+        "import raycls.serving, raycls.bundle; d = raycls.deploy;"
+        "assert 'torch' not in sys.modules, 'serving imported torch'; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- serve/config.yaml
+
+
+def config_problems(cfg: dict[str, Any]) -> list[str]:
+    """Everything Serve would silently drop or accept wrongly in a raycls config file."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
+
+    from raycls import serving
+
+    problems = []
+
+    def unknown(data: dict, model: type, where: str) -> None:
+        for key in data:
+            if key not in model.model_fields:
+                problems.append(f"{where}.{key}: not a {model.__name__} field")
+
+    ServeDeploySchema.model_validate(cfg)  # types and required keys
+    unknown(cfg, ServeDeploySchema, "config")
+    unknown(cfg.get("http_options", {}), HTTPOptionsSchema, "http_options")
+    if not cfg.get("http_options", {}).get("request_timeout_s"):
+        problems.append("http_options.request_timeout_s: unset (requests could hang forever)")
+    for app in cfg["applications"]:
+        name = app.get("name")
+        unknown(app, ServeApplicationSchema, f"app {name}")
+        try:
+            args = serving.parse_args(app.get("args") or {})
+        except serving.ServeConfigError as e:
+            problems.append(f"app {name} args: {e}")
+            continue
+        names = {"Ingress", "Classifier"} if args.is_split else {"Ingress"}
+        for d in app.get("deployments") or []:
+            where = f"app {name} deployment {d.get('name')}"
+            unknown(d, DeploymentSchema, where)
+            if d.get("name") not in names:
+                problems.append(f"{where}: no such deployment in this layout ({sorted(names)})")
+            auto = d.get("autoscaling_config")
+            if auto:
+                unknown(auto, AutoscalingConfig, f"{where}.autoscaling_config")
+                try:
+                    AutoscalingConfig(**auto)
+                except ValueError as e:  # pydantic's ValidationError
+                    problems.append(f"{where}.autoscaling_config: {e}")
+                if auto.get("min_replicas", 1) > auto.get("max_replicas", 1):
+                    problems.append(f"{where}: min_replicas > max_replicas")
+            if d.get("max_queued_requests", -1) < 1:
+                problems.append(f"{where}: max_queued_requests must be bounded (fast 503s)")
+            if d.get("max_ongoing_requests", 5) < 16:
+                problems.append(f"{where}: max_ongoing_requests below 16 collapses under load")
+            gpus = (d.get("ray_actor_options") or {}).get("num_gpus", 0)
+            if d.get("name") == "Classifier" and gpus != args.num_gpus:
+                problems.append(f"{where}: num_gpus {gpus} differs from args.num_gpus")
+    return problems
+
+
+def test_shipped_config_is_valid():
+    cfg = yaml.safe_load(CONFIG.read_text())
+    assert config_problems(cfg) == []
+    app = cfg["applications"][0]
+    assert app["import_path"] == "raycls.deploy" and app["args"]["model"]
+    assert {d["name"] for d in app["deployments"]} == {"Ingress", "Classifier"}
+
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=3),
+         "max_ongoing_request: not a DeploymentSchema field"),
+        (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(
+            min_replica=2), "min_replica: not a AutoscalingConfig field"),
+        (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(
+            min_replicas=5), "min_replicas > max_replicas"),
+        (lambda c: c["applications"][0]["args"].update(topk=3), "did you mean top_k"),
+        (lambda c: c["applications"][0]["deployments"][1].update(name="Clasifier"),
+         "no such deployment"),
+        (lambda c: c["applications"][0]["deployments"][0].pop("max_queued_requests"),
+         "must be bounded"),
+        (lambda c: c["http_options"].update(request_timeout=3), "not a HTTPOptionsSchema field"),
+    ],
+)  # fmt: skip
+def test_config_check_catches_typos(mutate, needle):
+    cfg = yaml.safe_load(CONFIG.read_text())
+    mutate(cfg)
+    assert any(needle in p for p in config_problems(cfg)), config_problems(cfg)
+
+
+def test_raycls_validate_accepts_shipped_config():
+    """The project's own offline validator (`raycls validate`) agrees."""
+    out = subprocess.run(
+        [sys.executable, "-m", "raycls", "validate", str(CONFIG)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------- model holder
+
+
+def test_check_health_fails_when_the_session_breaks(bundles):
+    from raycls.serving import ModelHolder
+
+    holder = ModelHolder()
+    holder.load(str(bundles["a"]["path"]))
+    holder.check()  # healthy
+
+    class Broken:
+        def run(self, *a, **k):
+            raise RuntimeError("onnxruntime session is gone")
+
+    holder.bundle.session = Broken()
+    with pytest.raises(RuntimeError, match="session is gone"):
+        holder.check()
+
+    class NaNs:
+        def run(self, *a, **k):
+            return [np.full((1, 10), np.nan, np.float32)]
+
+    holder.bundle.session = NaNs()
+    with pytest.raises(RuntimeError, match="bad logits"):
+        holder.check()
+    with pytest.raises(RuntimeError, match="no model loaded"):
+        ModelHolder().check()
+
+
+def test_predict_groups_equals_one_call_per_request(bundles):
+    from raycls.bundle import load_bundle
+    from raycls.serving import predict_groups
+
+    b = load_bundle(bundles["a"]["path"])
+    images = bundles["a"]["test_images"]
+    groups = [images[0:1], images[1:4], images[4:9]]
+    top_ks = [1, 5, 3]
+    got = predict_groups(b, groups, top_ks)
+    for g, k, out in zip(groups, top_ks, got, strict=True):
+        want = b.predict(g, top_k=k)
+        assert [[p["index"] for p in r] for r in out] == [[p["index"] for p in r] for r in want]
+        assert all(len(r) == k for r in out)
+
+
+def test_serve_args_fields_have_comments():
+    """Every builder argument is documented in docs/cli-serve.md."""
+    from raycls.serving import ServeArgs
+
+    doc = (REPO / "docs" / "cli-serve.md").read_text()
+    missing = [f.name for f in dataclasses.fields(ServeArgs) if f"`{f.name}`" not in doc]
+    assert missing == []
