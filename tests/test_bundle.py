@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -293,3 +295,37 @@ def test_decompression_bomb_refused_before_decoding() -> None:
     with pytest.raises(ImageError) as e:
         decode_image(png_bytes(np.zeros((10, 10), np.uint8)), 1, 8, 8, max_pixels=99)
     assert e.value.code == "too_many_pixels"
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+_VALID = {fmt: png_bytes(NOISE[:16, :16], fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF")}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    fmt=st.sampled_from(sorted(_VALID)),
+    cut=st.integers(0, 2000),
+    flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 255)), max_size=4),
+)
+def test_corrupted_images_raise_only_image_error(fmt: str, cut: int, flips) -> None:
+    """Truncated or bit-flipped files of every allowed format: an array or an ImageError, never
+    another exception (which serving would turn into a 500)."""
+    data = bytearray(_VALID[fmt][: max(1, cut)])
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    try:
+        out = decode_image(bytes(data), 3, 8, 8)
+    except ImageError as e:
+        assert e.status in (400, 413, 415) and e.code
+    else:
+        assert out.shape == (3, 8, 8) and out.dtype == np.uint8
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=512))
+def test_random_bytes_raise_only_image_error(data: bytes) -> None:
+    try:
+        decode_image(data, 1, 8, 8)
+    except ImageError as e:
+        assert e.status in (400, 413, 415)
