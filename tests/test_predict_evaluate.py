@@ -205,9 +205,14 @@ def test_mnist_train_export_evaluate_agree(ray_session, tmp_path, capsys):
     )
     result = run_training(cfg)
     out = tmp_path / "models" / "mnist"
-    assert cli_main(["export", str(tmp_path / "runs" / "mnist-accept"), "--output", str(out)]) == 0
+    run_dir = tmp_path / "runs" / result["name"]
+    assert cli_main(["export", str(run_dir), "--output", str(out), "--int8"]) == 0
     capsys.readouterr()
     assert cli_main(["evaluate", str(out), "--json", "--output-dir", str(tmp_path / "r")]) == 0
     r = last_json_line(capsys.readouterr().out)
     assert r["num_images"] == 10_000
     assert abs(r["test_acc"] - result["test_acc"]) <= 0.002, (r["test_acc"], result["test_acc"])
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["metrics"]["onnx_test_acc"] == pytest.approx(r["test_acc"], abs=1e-9)
+    if meta["int8"]["kept"]:
+        assert meta["metrics"]["onnx_test_acc"] - meta["int8"]["test_acc"] <= 0.01
