@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from raycls.augment import build_augment, load_policy_schedule, mix_batch, policy_for_epoch
 from raycls.config import ConfigError, TrainConfig
 from raycls.data import DataError, Dataset, load_dataset
-from raycls.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from raycls.models import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 
 # Datasets whose labels change under a mirror image (a flipped 2 is no digit): no random flips.
 NO_FLIP_DATASETS = ("digits", "mnist")
@@ -189,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedule = load_policy_schedule(cfg.aug_policy_file) if cfg.aug_policy_file else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    start_epoch, best_val_acc, stale = 0, -1.0, 0
+    start_epoch, best_val_acc, stale, history = 0, -1.0, 0, []
     checkpoint = ray.train.get_checkpoint()  # ray: set after a restart
     restore_dir = None
     if checkpoint is not None:
@@ -204,6 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator.set_state(state["rng"][rank % len(state["rng"])])
         start_epoch = meta["epoch"] + 1
         best_val_acc, stale = meta["best_val_acc"], meta["epochs_without_improvement"]
+        history = meta["history"]
         if rank == 0:
             log(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done)")
 
@@ -245,31 +252,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         best_val_acc, stale = max(best_val_acc, metrics["val_acc"]), 0 if improved else stale + 1
         stop_early = cfg.early_stop_patience and stale >= cfg.early_stop_patience
         metrics["should_stop"] = bool(stop_early)
+        history.append(metrics)  # carried in every checkpoint, so restarts keep the whole story
 
         rngs = gather_rng(generator, device, world)
-        ckpt = None
-        if rank == 0:  # ray: rank 0 alone writes the checkpoint
-            # Ray uploads it in a background thread and then deletes this directory, so the next
-            # epoch starts without waiting for the controller to collect the report.
-            tmp = tempfile.mkdtemp(prefix="raycls-ckpt-")
-            save_checkpoint(
-                tmp,
-                {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rngs},
-                {"config": cfg.to_dict(), "data": info, "epoch": epoch, "metrics": metrics,
-                 "best_val_acc": best_val_acc, "epochs_without_improvement": stale},
-            )
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-            log(
-                f"epoch {epoch + 1}/{cfg.num_epochs} "
-                f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
-                f"val_acc {metrics['val_acc']:.4f} images/s {metrics['images_per_s']:.0f} "
-                f"time {metrics['epoch_time_s']:.1f}s aug {augment.policy}"
-            )
-        ray.train.report(  # ray: every rank reports every epoch
-            metrics, checkpoint=ckpt,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-        )
+        with tempfile.TemporaryDirectory(prefix="raycls-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:  # ray: rank 0 alone writes the checkpoint
+                save_checkpoint(
+                    tmp,
+                    {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rngs},
+                    {"config": cfg.to_dict(), "data": info, "epoch": epoch, "metrics": metrics,
+                     "best_val_acc": best_val_acc, "epochs_without_improvement": stale,
+                     "history": history},
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                log(
+                    f"epoch {epoch + 1}/{cfg.num_epochs} "
+                    f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
+                    f"val_acc {metrics['val_acc']:.4f} images/s {metrics['images_per_s']:.0f} "
+                    f"time {metrics['epoch_time_s']:.1f}s aug {augment.policy}"
+                )
+            # ray: every rank reports every epoch. Synchronous on purpose: report returns once
+            # the previous epoch's checkpoint reached the controller, so a crash never loses more
+            # than one epoch (asynchronous upload saves up to ~2 s an epoch but can lose several).
+            ray.train.report(metrics, checkpoint=ckpt)
         if stop_early:
             if rank == 0:
                 log(f"early stop: no val_acc gain for {stale} epochs")
@@ -426,23 +433,24 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
     with best_ckpt.as_directory() as d:
         test_acc, test_loss = test_accuracy(d, ds)
-    history = result.metrics_dataframe
+    with result.checkpoint.as_directory() as d:  # the newest checkpoint holds the full history
+        history = read_checkpoint_meta(d)["history"]
     summary = {
         "name": cfg.name,
         "test_acc": test_acc,
         "test_loss": test_loss,
         "val_acc": best_metrics["val_acc"],
         "best_epoch": best_metrics["epoch"],
-        "epochs": int(history["epoch"].max()) if history is not None else best_metrics["epoch"],
+        "epochs": history[-1]["epoch"],
         "checkpoint": best_ckpt.path,
-        "images_per_s": float(np.median(history["images_per_s"])) if history is not None else 0,
+        "images_per_s": float(np.median([h["images_per_s"] for h in history])),
         "train_time_s": train_time,
         "config": cfg.to_dict(),
         "classes": ds.classes,
+        "history": [{k: h[k] for k in HISTORY_KEYS} for h in history],
     }
     if "://" not in cfg.storage_path:
-        if history is not None:
-            plot_curves(history, run_dir / "curves.png", cfg.name)
+        plot_curves(history, run_dir / "curves.png", cfg.name)
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print(
         f"[raycls] done: test_acc {test_acc:.4f} (best val_acc {summary['val_acc']:.4f} at epoch "
@@ -452,13 +460,17 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     return summary
 
 
-def plot_curves(history, path: Path, title: str) -> None:
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "images_per_s", "epoch_time_s",
+                "aug_policy", "start_epoch")
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    h = {k: [r[k] for r in history] for k in ("epoch", "train_loss", "val_loss", "val_acc")}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(h["epoch"], h["train_loss"], label="train_loss")
     a.plot(h["epoch"], h["val_loss"], label="val_loss")

@@ -37,6 +37,7 @@ def ray_session(tmp_path_factory):
             os.environ.pop(k, None)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(
+        address="local",  # always a fresh cluster of our own, never someone else's `ray start`
         num_cpus=4,
         include_dashboard=False,
         configure_logging=False,
