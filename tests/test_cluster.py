@@ -176,3 +176,109 @@ def test_fake_autoscaler_adds_a_gpu_node(private_ray_env, tmp_path):
     finally:
         survivors = stop_pids(marks)
     assert not survivors, f"processes we started are still alive: {sorted(survivors)}"
+
+
+# --------------------------------------------------------------------------- node loss in training
+
+DRIVER_NODE_LOSS = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    from pathlib import Path
+
+    import ray
+    from ray._private.state import available_resources_per_node
+    from ray.cluster_utils import Cluster
+
+    from raycls.config import TrainConfig
+    from raycls.train import run_training
+
+    port, agent_port, storage, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    # Head with 0 CPUs (like cluster/config.yaml): the two 1-CPU Train workers must land on the
+    # two worker nodes, one each.
+    # shutdown_at_exit=False: no signal handlers, so the node-loss thread may add a node (the
+    # test stops every process of this cluster by pid afterwards anyway).
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
+        "num_cpus": 0, "gcs_server_port": int(port), "include_dashboard": False,
+        "dashboard_agent_listen_port": int(agent_port)})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.connect()
+    run = Path(storage) / "multinode"
+    report = {"worker_nodes": [w.node_id for w in workers]}
+
+    def epochs_checkpointed():
+        done = 0
+        for meta in run.glob("checkpoint_*/meta.json"):
+            try:
+                done = max(done, json.loads(meta.read_text())["epoch"] + 1)
+            except (OSError, ValueError, KeyError):
+                pass  # being written
+        return done
+
+    def lose_a_node():
+        deadline = time.time() + 300
+        while time.time() < deadline and epochs_checkpointed() < 3:
+            time.sleep(0.05)
+        free = available_resources_per_node()  # a resource at 0 is left out of the dict
+        report["busy_worker_nodes"] = sum(
+            w.node_id in free and free[w.node_id].get("CPU", 0) == 0 for w in workers)
+        # The controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: give it one
+        # round, so that a checkpoint exists from its point of view (else a restart is from 0).
+        time.sleep(1.0)
+        report["epochs_before_loss"] = epochs_checkpointed()
+        cluster.remove_node(workers[0], allow_graceful=False)  # a spot node reclaimed
+        report["removed_at"] = time.time()
+        time.sleep(2)
+        cluster.add_node(num_cpus=1)  # what the autoscaler does: a replacement node
+
+    killer = threading.Thread(target=lose_a_node, daemon=True)
+    killer.start()
+    cfg = TrainConfig(dataset="digits", model="resnet_small", model_width=8, num_workers=2,
+                      cpus_per_worker=1, num_epochs=epochs, batch_size=64, lr=0.1,
+                      warmup_epochs=0, aug_policy="none", storage_path=storage,
+                      name="multinode", max_failures=3, keep_checkpoints=2)
+    result = run_training(cfg)
+    killer.join(timeout=60)
+    report.update(epochs=result["epochs"], test_acc=result["test_acc"],
+                  val_acc=result["val_acc"], train_time_s=result["train_time_s"],
+                  finished_at=time.time())
+    print("REPORT " + json.dumps(report), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_training_survives_losing_a_worker_node(private_ray_env, tmp_path):
+    """`raycls train` with 2 workers on two different nodes (ray.cluster_utils.Cluster: a 0-CPU
+    head and two 1-CPU worker nodes); one worker node is removed mid-run and a replacement added
+    (as the autoscaler would); the run restarts from a checkpoint and finishes every epoch."""
+    env, tmp = private_ray_env
+    env["RAY_TMPDIR"] = str(tmp)  # session dirs and ray_current_cluster stay in our temp dir
+    port, epochs = free_port(), 20
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # the controller polls workers (default 2 s)
+    # Ray's own helper actors look clusters up by address; never let them find someone else's.
+    env["RAY_ADDRESS"] = f"{node_ip()}:{port}"
+    marks = [str(tmp)]
+    try:
+        driver = subprocess.run(
+            [sys.executable, "-c", DRIVER_NODE_LOSS, str(port), str(free_port()),
+             str(tmp_path / "runs"), str(epochs)],
+            env=env, capture_output=True, text=True, timeout=540, cwd=REPO,
+        )
+    finally:
+        survivors = stop_pids(marks)
+    out = driver.stdout + driver.stderr
+    assert driver.returncode == 0, out[-4000:]
+    report = json.loads(out.split("REPORT ", 1)[1].splitlines()[0])
+    assert report["busy_worker_nodes"] == 2, f"the 2 workers were not on 2 nodes: {report}"
+    assert report["epochs"] == epochs, report
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ \((\d+) epochs done\)", out)]
+    assert resumed, "no restart from a checkpoint was logged:\n" + out[-3000:]
+    # A hard node loss can lose the newest checkpoint in flight (ray-notes): allow one older.
+    # A lost node can take the newest checkpoints with it before the controller registers them
+    # (ray-notes): require a restart from a real checkpoint, at most 2 epochs behind the disk.
+    assert min(resumed) >= 1, f"restarted from scratch: {resumed}"
+    assert max(resumed) >= report["epochs_before_loss"] - 2, (resumed, report)
+    assert report["test_acc"] > 0.5, report  # digits: 10 classes, chance is 0.1
+    assert not survivors, f"processes we started are still alive: {sorted(survivors)}"
