@@ -440,3 +440,10 @@ def test_cli_missing_file_and_garbage(tmp_path):
     out = run_cli(str(junk))
     assert out.returncode == 1 and "not valid YAML" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_dockerfile_uses_the_pinned_ray_image():
+    """The KubeRay image is built FROM the same Ray version the manifests and pyproject pin."""
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert base.startswith(f"rayproject/ray:{ray_version_pin()}."), base
