@@ -513,6 +513,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy-file", dest="aug_policy_file", help="alias of --aug-policy-file")
     parser.add_argument("--resume", metavar="RUN", help="continue the unfinished run named RUN")
     parser.add_argument("--json", action="store_true", help="print result.json as the last line")
+    add_address_argument(parser)
+
+
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or "local",
+        help="Ray cluster to use: 'local' starts one on this machine, 'auto' joins the cluster "
+        "this node belongs to (e.g. a `ray up` head), or HOST:PORT (default: $RAY_ADDRESS, "
+        "else 'local')",
+    )
+
+
+def init_ray(address: str) -> None:
+    """Start or join Ray. 'local' never attaches to another user's cluster by accident."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=False)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -527,13 +546,10 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import ray
-
     try:
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True, configure_logging=False)
+        init_ray(args.address)
         summary = run_training(cfg, resume=args.resume)
-    except (RunError, DataError, CheckpointError, ConfigError, ValueError) as e:
+    except (RunError, DataError, CheckpointError, ConfigError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
