@@ -1,0 +1,76 @@
+"""`ray start` + `serve deploy serve/config.yaml` exactly as docs/cli-serve.md says (slow: it
+starts its own Ray head with the dashboard, which `serve deploy` talks to)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from bundles import png_bytes
+from conftest import FAST_ENV, SERVE_MODE, free_port, wait_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def test_serve_deploy_config_file(bundles, tmp_path):
+    http, gcs, dash = free_port(), free_port(), free_port()
+    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    cfg["http_options"]["port"] = http
+    cfg["applications"][0]["args"]["model"] = str(bundles["a"]["path"])
+    for d in cfg["applications"][0]["deployments"]:
+        d["ray_actor_options"]["num_cpus"] = 0.5
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    log = tmp_path / "ray-start.log"
+    env = {**os.environ, **(FAST_ENV if SERVE_MODE == "fast" else {}), "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+         "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while True:
+            out = subprocess.run(
+                [str(BIN / "serve"), "deploy", str(config), "-a", address],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if out.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"serve deploy failed: {out.stderr[-1500:]}\n"
+                    f"ray start: {log.read_text()[-1500:]}"
+                )
+            time.sleep(3)  # the dashboard is still starting
+        base = f"http://127.0.0.1:{http}"
+        wait_ready(base + "/readyz", timeout=180)
+        r = httpx.post(base + "/v1/classify", files={"file": ("d.png", png_bytes(
+            bundles["a"]["test_images"][0]))}, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "digits"
+        assert httpx.get(base + "/v1/model").json()["serving"]["layout"] == "split"
+    finally:
+        # Serve first (it owns the HAProxy daemon, which would outlive its Ray), then Ray:
+        # `ray start --block` tears down what it started when its process group is signalled
+        subprocess.run(
+            [str(BIN / "serve"), "shutdown", "-y", "-a", f"http://127.0.0.1:{dash}"],
+            env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
