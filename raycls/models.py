@@ -214,8 +214,8 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and load a checkpoint: returns (state, meta). Refuses corrupted files."""
+def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint's completeness and sha256 without loading it; returns its meta."""
     d = Path(directory)
     meta = read_checkpoint_meta(d)
     pt = d / "checkpoint.pt"
@@ -228,6 +228,13 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
             f"{pt}: sha256 {actual[:12]}... does not match meta.json ({str(expected)[:12]}...); "
             "the checkpoint is corrupted. Resume or export from another checkpoint of the run."
         )
+    return meta
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify and load a checkpoint: returns (state, meta). Refuses corrupted files."""
+    meta = verify_checkpoint(directory)
+    pt = Path(directory) / "checkpoint.pt"
     try:
         state = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # hash matched but content unreadable: still refuse clearly

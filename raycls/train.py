@@ -34,6 +34,7 @@ from raycls.models import (
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
+    verify_checkpoint,
 )
 
 # Datasets whose labels change under a mirror image (a flipped 2 is no digit): no random flips.
@@ -325,6 +326,9 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
             raise RunError(f"--resume {resume}: no run directory {run_dir}")
         if (run_dir / "result.json").exists():
             raise RunError(f"--resume {resume}: the run already finished ({run_dir}/result.json)")
+        for ckpt in sorted(run_dir.glob("checkpoint_*")):
+            if (ckpt / "meta.json").exists():  # no meta.json = never finished, never used
+                verify_checkpoint(ckpt)  # refuse to resume into a corrupted checkpoint
         saved = run_dir / "raycls_config.json"
         if saved.exists():  # resume with the run's own config, not today's defaults
             previous = json.loads(saved.read_text())
