@@ -1,4 +1,4 @@
-"""Training faults (README "Reliability", scenarios 1-5): each injects the fault, asserts the outcome."""
+"""Training faults (README "Reliability", scenarios 1-5): inject the fault, assert the outcome."""
 
 from __future__ import annotations
 
