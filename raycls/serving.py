@@ -296,10 +296,15 @@ class _ModelReplica:
             await asyncio.to_thread(self._holder.check)
 
     def model_spec(self) -> dict[str, Any]:
+        # cached per (bundle, top_k): this runs on every request in the single layout
         b = self._holder.bundle
         if b is None:
             raise RuntimeError("model not loaded yet")
-        return {**ModelHolder.spec(b), "top_k": self._model_args.top_k}
+        cached = getattr(self, "_spec_cache", None)
+        if cached is None or cached[0] is not b or cached[1]["top_k"] != self._model_args.top_k:
+            cached = (b, {**ModelHolder.spec(b), "top_k": self._model_args.top_k})
+            self._spec_cache = cached
+        return cached[1]
 
     async def classify_arrays(self, images: np.ndarray, top_k: int) -> list[list[dict]] | None:
         """uint8 (n, C, H, W) -> per image top-k; None if a swap changed the input shape."""
@@ -521,7 +526,6 @@ class Ingress(_ModelReplica):
         if self._spec is None or refresh:
             self._spec = await self.classifier.model_spec.remote()
         return self._spec
-
 
     async def _classify(self, images: np.ndarray, top_k: int) -> list[list[dict]] | None:
         if self.classifier is None:

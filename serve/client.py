@@ -108,9 +108,7 @@ def classify(
         chunk = files[start : start + batch]
         try:
             body, ctype = multipart(chunk)
-            answer = post(
-                endpoint, body, ctype, retries=retries, backoff=backoff, timeout=timeout
-            )
+            answer = post(endpoint, body, ctype, retries=retries, backoff=backoff, timeout=timeout)
             for f, r in zip(chunk, answer["results"], strict=True):
                 results.append({"file": str(f), "model": answer["model"], **r})
         except (ClientError, OSError) as e:

@@ -63,8 +63,14 @@ def build_digits_bundle(directory: Path, name: str = "digits", seed: int = 0) ->
     meta = {
         "name": name,
         "classes": list(ds.classes),
-        "input": {"channels": 1, "height": 8, "width": 8, "dtype": "uint8", "layout": "NCHW",
-                  "resize": "bilinear"},  # fmt: skip
+        "input": {
+            "channels": 1,
+            "height": 8,
+            "width": 8,
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "resize": "bilinear",
+        },  # fmt: skip
         "metrics": {"onnx_test_acc": onnx_test_acc, "test_acc": onnx_test_acc},
         "config": {"dataset": "digits", "model": "mlp-test"},
     }

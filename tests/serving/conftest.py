@@ -76,8 +76,13 @@ def serve_config(model: Path, port: int) -> dict[str, Any]:
         "name": "small",
         "route_prefix": "/small",
         "import_path": "raycls.deploy",
-        "args": {"model": str(model), "split": False, "max_ongoing_requests": 1,
-                 "max_queued_requests": 1, "num_cpus": 0.25},  # fmt: skip
+        "args": {
+            "model": str(model),
+            "split": False,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+            "num_cpus": 0.25,
+        },  # fmt: skip
     }
     cfg["applications"].append(small)
     return cfg

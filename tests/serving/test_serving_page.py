@@ -106,10 +106,13 @@ RENDERED = (
 def test_upload_page_shows_top5(browser, client_answer):
     image, answer = client_answer
     # the model name is fetched from /v1/model when the page loads
-    assert browser.wait_for(
-        "document.getElementById('model-name').textContent !== '…' && "
-        "document.getElementById('model-name').textContent"
-    ) == "digits"
+    assert (
+        browser.wait_for(
+            "document.getElementById('model-name').textContent !== '…' && "
+            "document.getElementById('model-name').textContent"
+        )
+        == "digits"
+    )
 
     # 1) choose a file from disk through the page's <input type=file>
     doc = browser.call("DOM.getDocument")
