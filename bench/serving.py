@@ -1,0 +1,431 @@
+"""serving: requests/s and p50/p99 latency of the Ray Serve endpoint vs a plain FastAPI +
+onnxruntime server (bench/plain_server.py) and vs raw in-process onnxruntime (the ceiling).
+
+    python bench/serving.py --quick
+
+Two bundles written the way `raycls export` writes them: `small` (the default resnet_small at
+Fashion-MNIST's 1x28x28) and `heavy` (a ResNet-18 at CIFAR-10's 3x32x32). Each is served by
+
+- Ray Serve in the throughput-optimized mode with HAProxy on port 8000, as users run it
+  (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1` set before Ray starts), with
+  `raycls.deploy`'s default arguments (one replica, `@serve.batch` 16 / 2 ms);
+- the same with Serve's default HTTP proxy (a second Ray, started after the first is gone), so the
+  cost of the mode is visible;
+- the plain server, one uvicorn process, no batching, alive throughout.
+
+Every Ray runs in its own subprocess (`ray.init(address="local")`), stopped by its pid. The same
+load generator (bench/loadgen.py), the same PNG test images and the same concurrency levels
+(1/8/32) are used for every server, alternating plain and Serve point by point; medians over the
+rounds. The ceiling is decode + onnxruntime in this process at its best batch size: the work a
+server must do per image, minus HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import harness
+import numpy as np
+
+SETTINGS = {  # mode -> (models, concurrencies, seconds per point, rounds, default-mode levels)
+    "tiny": (("small",), (1, 8), 1.0, 1, (8,)),
+    "quick": (("small", "heavy"), (1, 8, 32), 3.0, 2, (32,)),
+    "full": (("small", "heavy"), (1, 8, 32), 8.0, 3, (1, 8, 32)),
+}
+FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+TARGETS = {"small": 1.0, "heavy": 1.5}  # Serve (fast mode) req/s over plain at concurrency 32
+
+
+# ----------------------------------------------------------------------------- bundles
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_bundle(kind: str, root: Path, tiny: bool) -> dict[str, Any]:
+    """Export an (untrained: speed does not depend on weights) model into a real bundle, plus
+    PNGs of real test images of the matching dataset."""
+    import torch
+
+    from raycls.bundle import write_bundle
+    from raycls.export import export_onnx
+    from raycls.models import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if kind == "small":
+        dataset, model_name = ("digits" if tiny else "fashion-mnist"), "resnet_small"
+    else:
+        dataset, model_name = "cifar10", "resnet18"
+    try:
+        ds = harness.load(dataset)
+        data, images = ds.describe(), ds.test.images[:64].numpy()
+    except harness.BenchSkip:
+        # no CIFAR-10 here: CIFAR-shaped noise images cost the server the same
+        data = {"name": dataset, "classes": [str(i) for i in range(10)], "channels": 3,
+                "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+        images = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    model = build_model(model_name, len(data["classes"]), data["channels"], data["image_size"])
+    model_bytes = export_onnx(model.eval(), data)
+    size = data["image_size"]
+    meta = {
+        "name": kind,
+        "classes": data["classes"],
+        "input": {"channels": data["channels"], "height": size, "width": size, "dtype": "uint8",
+                  "layout": "NCHW", "resize": "bilinear"},  # fmt: skip
+        "metrics": {},
+        "config": {"dataset": dataset, "model": model_name},
+    }
+    path = write_bundle(root / kind, meta, {"model.onnx": model_bytes})
+    return {
+        "path": str(path),
+        "pngs": [png(im) for im in images],
+        "describe": f"{model_name} {data['channels']}x{size}x{size} ({dataset} test PNGs)",
+    }
+
+
+def ceiling(bundle_path: str, pngs: list[bytes], seconds: float) -> dict[str, Any]:
+    """Images/s of decode + onnxruntime in-process at batch sizes 1..64; the best is the ceiling."""
+    from raycls.bundle import load_bundle
+
+    b = load_bundle(bundle_path)
+    per_batch = {}
+    for batch in (1, 8, 16, 32, 64):
+        blobs = [pngs[i % len(pngs)] for i in range(batch)]
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            b.predict(np.stack([b.decode(x) for x in blobs]), top_k=5)
+            done += batch
+        per_batch[batch] = done / (time.perf_counter() - t0)
+    best = max(per_batch, key=per_batch.get)
+    return {"best_batch": best, "images_per_s": per_batch[best], "per_batch": per_batch}
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    import httpx
+
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited ({proc.returncode}) before {url} was ready")
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code}"
+        except httpx.HTTPError as e:
+            last = type(e).__name__
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s ({last})")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Stop a server we started, by its pid: SIGTERM (the Serve host shuts Ray down), then KILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_plain(bundle_path: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(harness.BENCH / "plain_server.py"), "--model", bundle_path,
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base + "/readyz", proc)
+    return proc, base
+
+
+def start_serve(mode: str, bundles: dict[str, str], port: int, log: Path):
+    """A subprocess running its own Ray + Serve with one app per bundle at /NAME."""
+    env = {k: v for k, v in os.environ.items() if k not in FAST_ENV}
+    if mode == "fast":
+        env.update(FAST_ENV)
+        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101) on
+        # 0.0.0.0: a second Serve on the host (another user's tests) makes it fail to start
+        env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+        env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    cmd = [sys.executable, __file__, "--host-serve", json.dumps({"port": port, **bundles})]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"),
+                            text=True)  # fmt: skip
+    line = proc.stdout.readline()  # "READY {pids}" once every app answers
+    while line and not line.startswith("READY"):
+        line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        stop(proc)
+        raise RuntimeError(f"Serve ({mode}) did not start; see {log}: {log.read_text()[-2000:]}")
+    return proc, json.loads(line[len("READY ") :])
+
+
+def serve_processes(root_pid: int) -> dict[str, int]:
+    """Process title -> pid of the Serve actors under `root_pid` (Ray titles them
+    `ray::ServeReplica:APP:DEPLOYMENT`, `ray::ServeController`, ...)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::Serve") or "haproxy" in title:
+            found[title.split()[0][:80]] = child.pid
+    return found
+
+
+def host_serve(spec: dict[str, Any]) -> None:
+    """Child process: start Ray and Serve, deploy each bundle, report READY, wait for SIGTERM."""
+    port = spec.pop("port")
+    ray = harness.start_ray(num_cpus=4)
+    from ray import serve
+
+    from raycls import deploy
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name, path in spec.items():
+        serve.run(deploy({"model": path}), name=name, route_prefix=f"/{name}", blocking=False)
+    for name in spec:
+        wait_ready(f"http://127.0.0.1:{port}/{name}/readyz")
+    print("READY " + json.dumps(serve_processes(os.getpid())), flush=True)
+    while not stopping:
+        time.sleep(0.2)
+    serve.shutdown()
+    ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def profile(pid: int, seconds: float, out: Path) -> dict[str, Any]:
+    """py-spy samples of a process under load -> the functions that take the most time (self),
+    as shares of all samples. The raw collapsed stacks are kept beside the JSON."""
+    pyspy = Path(sys.executable).with_name("py-spy")
+    subprocess.run(
+        [str(pyspy), "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+         "--format", "raw", "--output", str(out), "--nonblocking", "--rate", "200"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    if not out.exists():
+        return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        leaf = stack.split(";")[-1]
+        self_time[leaf.split(" (")[0] + " " + leaf.split("/")[-1].rstrip(")")] += n
+        for part, markers in PROFILE_PARTS.items():
+            if any(m in stack for m in markers):
+                inclusive[part] += n
+    total = total or 1
+    return {
+        "samples": total,
+        "inclusive": {k: round(inclusive[k] / total, 3) for k in PROFILE_PARTS},
+        "top_self": [(k, round(v / total, 3)) for k, v in self_time.most_common(15)],
+    }
+
+
+# where a replica's time goes: a sample counts for every part its stack touches
+PROFILE_PARTS = {
+    "onnxruntime run": ("Session.run",),
+    "PNG decode": ("decode_image",),
+    "FastAPI/Starlette routing+handler": ("fastapi/", "starlette/"),
+    "HTTP parsing/sending (uvicorn)": ("uvicorn/",),
+    "Serve batching (@serve.batch)": ("batching.py",),
+    "Serve metrics": ("metrics.py",),
+    "Serve replica machinery": ("serve/_private/replica.py", "serve/_private/"),
+    "JSON encode": ("json/encoder.py", "JSONResponse", "jsonable_encoder"),
+}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def measure(url: str, pngs: list[bytes], c: int, seconds: float) -> dict[str, Any]:
+    from loadgen import run_load
+
+    return run_load(url, pngs, c, seconds, warmup_s=min(1.0, seconds / 3))
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--host-serve":
+        return host_serve(json.loads(sys.argv[2]))
+    p = harness.parser(__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: 8000)")
+    p.add_argument("--profile", action="store_true", help="py-spy the Serve replica at c=32")
+    args = p.parse_args()
+    started = time.time()
+    models, levels, seconds, rounds, default_levels = SETTINGS[harness.mode(args)]
+    rows, notes, details = [], [], {"points": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = args.port if port_free(args.port) else free_port()
+    if port != args.port:
+        notes.append(f"port {args.port} was taken on this machine; Serve listened on {port}")
+
+    work = Path(tempfile.mkdtemp(prefix="raycls-bench-serving-"))
+    bundles = {m: make_bundle(m, work, args.tiny) for m in models}
+    plain = {m: start_plain(bundles[m]["path"]) for m in models}
+    try:
+        ceil = {m: ceiling(bundles[m]["path"], bundles[m]["pngs"], seconds / 2) for m in models}
+        details["ceiling"] = ceil
+        for serve_mode, conc in (("fast", levels), ("default", default_levels)):
+            proc, pids = start_serve(serve_mode, {m: bundles[m]["path"] for m in models}, port,
+                                     out / f"serving_{serve_mode}.log")  # fmt: skip
+            details[f"{serve_mode}_actors"] = pids
+            try:
+                for m in models:
+                    for c in conc:
+                        for r in range(rounds):
+                            for server, url in (("plain", plain[m][1] + "/v1/classify"),
+                                                (serve_mode, f"http://127.0.0.1:{port}/{m}/v1/classify")):  # noqa: E501
+                                res = measure(url, bundles[m]["pngs"], c, seconds)
+                                details["points"].append({"model": m, "server": server,
+                                                          "round": r, **res})  # fmt: skip
+                                print(f"[bench] {m} {server:8s} c={c:2d} {res['rps']:7.1f} req/s "
+                                      f"p50 {res['p50_ms']:.1f} p99 {res['p99_ms']:.1f} ms "
+                                      f"errors {res['errors']}", flush=True)  # fmt: skip
+                if args.profile and serve_mode == "fast":
+                    details["profile"] = profile_replica(pids, bundles, port, seconds, out)
+            finally:
+                stop(proc)
+    finally:
+        for proc, _ in plain.values():
+            stop(proc)
+    rows += summarise(details, bundles, models, levels, default_levels, rounds, seconds, port)
+    if "inclusive" in details.get("profile", {}):
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in details["profile"]["inclusive"].items())
+        notes.append(f"py-spy, small-model Serve replica at c=32, share of samples: {parts}")
+    plot(details, models, out / "serving_throughput.png")
+    harness.write_result(args.out, "serving", args, rows, details, notes, started)
+
+
+def profile_replica(pids, bundles, port, seconds, out: Path) -> dict[str, Any]:
+    import threading
+
+    replica = next((pid for k, pid in pids.items() if "small" in k and "Ingress" in k), None)
+    if replica is None:
+        return {"error": f"no small-model replica among {pids}"}
+    url = f"http://127.0.0.1:{port}/small/v1/classify"
+    load = threading.Thread(target=measure, args=(url, bundles["small"]["pngs"], 32, seconds + 2))
+    load.start()
+    time.sleep(1)
+    prof = profile(replica, seconds, out / "serving_profile_small_c32.txt")
+    load.join()
+    return {"pid": replica, **prof, "raw": "serving_profile_small_c32.txt"}
+
+
+def summarise(details, bundles, models, levels, default_levels, rounds, seconds, port):
+    """Rows: Serve vs plain req/s and p99 at each level, Serve vs the ceiling at c=32."""
+
+    def med(model, server, c, key):
+        vals = [p[key] for p in details["points"]
+                if p["model"] == model and p["server"] == server and p["concurrency"] == c]
+        return harness.median(vals), len(vals)  # fmt: skip
+
+    rows = []
+    for m in models:
+        desc = bundles[m]["describe"]
+        for serve_mode, conc in (("fast", levels), ("default", default_levels)):
+            label = ("Serve throughput-optimized + HAProxy" if serve_mode == "fast"
+                     else "Serve default HTTP proxy")  # fmt: skip
+            for c in conc:
+                rps, n = med(m, serve_mode, c, "rps")
+                ref, _ = med(m, "plain", c, "rps")
+                cond = (f"{desc}, concurrency {c}, port {port}, {n} alternating rounds of "
+                        f"{seconds:g} s, 1 replica, @serve.batch 16/2 ms")  # fmt: skip
+                target = TARGETS[m] if (serve_mode == "fast" and c == max(levels)) else None
+                rows.append(harness.row(f"{m}: {label} req/s, c={c}", rps, "req/s",
+                                        reference="plain FastAPI + onnxruntime (1 process)",
+                                        reference_value=ref, target=target, conditions=cond))
+                if serve_mode == "fast" and c == max(levels):
+                    p99, _ = med(m, "fast", c, "p99_ms")
+                    p99_ref, _ = med(m, "plain", c, "p99_ms")
+                    p50, _ = med(m, "fast", c, "p50_ms")
+                    rows.append(harness.row(
+                        f"{m}: {label} p99 latency, c={c} (p50 {p50:.1f} ms)", p99, "ms",
+                        reference="plain server p99", reference_value=p99_ref,
+                        higher_is_better=False, target=1.0, conditions=cond))  # fmt: skip
+                    ceil = details["ceiling"][m]
+                    rows.append(harness.row(
+                        f"{m}: {label} images/s vs in-process ceiling, c={c}", rps, "images/s",
+                        reference=f"decode + onnxruntime in-process, batch {ceil['best_batch']}",
+                        reference_value=ceil["images_per_s"], target=0.5, conditions=cond))
+    return rows
+
+
+def plot(details: dict[str, Any], models, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models, strict=True):
+        for server in ("plain", "fast", "default"):
+            pts = [p for p in details["points"] if p["model"] == m and p["server"] == server]
+            cs = sorted({p["concurrency"] for p in pts})
+            ys = [harness.median([p["rps"] for p in pts if p["concurrency"] == c]) for c in cs]
+            if cs:
+                ax.plot(cs, ys, marker="o", label={"plain": "plain FastAPI+ORT",
+                        "fast": "Serve fast+HAProxy", "default": "Serve default"}[server])
+        ceil = details["ceiling"][m]["images_per_s"]
+        ax.axhline(ceil, ls="--", color="grey", label="in-process ceiling (images/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("requests/s")
+        ax.set_title(m)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
