@@ -297,7 +297,8 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--host-serve":
         return host_serve(json.loads(sys.argv[2]))
     p = harness.parser(__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="Serve HTTP port; 0 = any free one (default: 8000)")
     p.add_argument("--profile", action="store_true", help="py-spy the Serve replica at c=32")
     args = p.parse_args()
     started = time.time()
@@ -305,8 +306,8 @@ def main() -> None:
     rows, notes, details = [], [], {"points": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = args.port if port_free(args.port) else free_port()
-    if port != args.port:
+    port = args.port if args.port and port_free(args.port) else free_port()
+    if args.port and port != args.port:
         notes.append(f"port {args.port} was taken on this machine; Serve listened on {port}")
 
     work = Path(tempfile.mkdtemp(prefix="raycls-bench-serving-"))
