@@ -40,7 +40,7 @@ import numpy as np
 
 SETTINGS = {  # mode -> (models, concurrencies, seconds per point, rounds, default-mode levels)
     "tiny": (("small",), (1, 8), 1.0, 1, (8,)),
-    "quick": (("small", "heavy"), (1, 8, 32), 3.0, 2, (32,)),
+    "quick": (("small", "heavy"), (1, 8, 32), 2.5, 2, (32,)),
     "full": (("small", "heavy"), (1, 8, 32), 8.0, 3, (1, 8, 32)),
 }
 FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}

@@ -26,8 +26,8 @@ from raycls.config import TrainConfig
 # mode -> [(dataset, train images (None = all), epochs, target test accuracy or None)]
 SETTINGS = {
     "tiny": [("digits", None, 2, 0.5)],
-    "quick": [("mnist", 16384, 1, 0.99), ("fashion-mnist", 16384, 1, 0.90),
-              ("cifar10", 8192, 1, None)],
+    "quick": [("mnist", 12288, 1, 0.99), ("fashion-mnist", 12288, 1, 0.90),
+              ("cifar10", 4096, 1, None)],
     "full": [("mnist", None, 3, 0.99), ("fashion-mnist", None, 10, 0.90),
              ("cifar10", None, 10, None)],
     "gpu": [("cifar10", None, 10, 0.94)],

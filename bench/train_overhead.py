@@ -32,7 +32,7 @@ from raycls.train import NO_FLIP_DATASETS, build_optimizer, lr_lambda
 
 SETTINGS = {  # mode -> (dataset, train images, epochs per run, rounds, aug steps per block)
     "tiny": ("digits", 512, 2, 1, 3),
-    "quick": ("fashion-mnist", 6144, 3, 2, 8),
+    "quick": ("fashion-mnist", 4096, 3, 2, 8),
     "full": ("fashion-mnist", 30000, 5, 3, 20),
 }
 
