@@ -8,6 +8,7 @@ must pass. RAYCLS_TEST_SERVE_LAYOUT=single (default) | split picks the deploymen
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import time
@@ -35,9 +36,31 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"RAYCLS_TEST_SERVE_LAYOUT={LAYOUT!r}: use single or split")
     if SERVE_MODE == "fast":
         os.environ.update(FAST_ENV)
+        # HAProxy's stats and metrics ports are fixed (8404, 9101) on all interfaces: a second
+        # fast-mode Serve on this machine (another test run, a benchmark) would collide with ours
+        os.environ.update(haproxy_port_env())
     else:
         for k in FAST_ENV:
             os.environ.pop(k, None)
+
+
+def haproxy_port_env() -> dict[str, str]:
+    """Ports of our own for the fast mode's fixed-port pieces.
+
+    Seen here: with two Ray clusters on one host, both allocate replica direct-ingress ports from
+    30000 up without seeing each other, and one cluster's HAProxy sent our requests to the other
+    cluster's replica. HAProxy's stats and metrics ports (8404, 9101) are fixed too. So each test
+    Ray gets a random block of 100 ports below the kernel's ephemeral range.
+    """
+    block = random.Random(os.getpid() ^ time.monotonic_ns()).randrange(50)
+    return {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(20000 + 100 * block),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(20000 + 100 * block + 99),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(25000 + 100 * block),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(25000 + 100 * block + 99),
+    }
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 from bundles import png_bytes
-from conftest import FAST_ENV, SERVE_MODE, free_port, wait_ready
+from conftest import FAST_ENV, SERVE_MODE, free_port, haproxy_port_env, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -33,7 +33,13 @@ def test_serve_deploy_config_file(bundles, tmp_path):
     config.write_text(yaml.safe_dump(cfg))
 
     log = tmp_path / "ray-start.log"
-    env = {**os.environ, **(FAST_ENV if SERVE_MODE == "fast" else {}), "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    if SERVE_MODE == "fast":  # own HAProxy ports: the session's Serve may still be running
+        ports = haproxy_port_env()
+        key = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+        while ports[key] == os.environ.get(key):
+            ports = haproxy_port_env()
+        env.update(FAST_ENV, **ports)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
          "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats"],
