@@ -77,7 +77,8 @@ def run_one(scheduler: str, dataset: str, data_dir: str, budget: int, max_epochs
         name=f"bench-{scheduler}", storage_path=storage, dataset=dataset, data_dir=data_dir,
         scheduler=scheduler, num_samples=trials, max_epochs=max_epochs, grace_period=1,
         reduction_factor=2, perturbation_interval=1, quantile_fraction=0.5 if trials < 4 else 0.25,
-        export=False, seed=0, base={"model": "resnet_small", "max_failures": 0},
+        export=False, seed=0, max_concurrent_trials=2,
+        base={"model": "resnet_small", "max_failures": 0},
         space={**SPACE, "aug_policy": AUG_CHOICES[dataset]},
         mutations={"lr": [0.02, 0.05, 0.1, 0.2, 0.4]} if scheduler == "pbt" else {},
     )  # fmt: skip
@@ -130,7 +131,10 @@ def main() -> None:
             data_dir = write_idx_subset(name, n_train, work / "data")
         elif name != "digits":
             data_dir = harness.dataset_dir(name)
-        harness.start_ray(num_cpus=2)
+        # 4 logical CPUs with 2 trials at a time: seen here, a trial stopped by ASHA can keep
+        # its Train worker's CPU reserved for a while, and with exactly 2 the next trial waited
+        # minutes for it
+        harness.start_ray(num_cpus=4)
         results = {}
         for scheduler in ("random", "asha", "pbt"):
             results[scheduler] = run_one(scheduler, name, data_dir, budget, max_epochs,
