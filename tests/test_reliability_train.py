@@ -112,7 +112,7 @@ def test_driver_sigkill_then_resume(tmp_path):
     assert not (runs / "victim" / "result.json").exists()
     for meta in runs.glob("victim/checkpoint_*/meta.json"):
         load_checkpoint(meta.parent)  # none corrupted
-    resumed = subprocess.run(cmd[:3] + ["--resume", "victim", "--storage-path", str(runs),
+    resumed = subprocess.run(cmd[:4] + ["--resume", "victim", "--storage-path", str(runs),
                                         "--json"],
                              cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
