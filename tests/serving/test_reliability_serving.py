@@ -291,11 +291,7 @@ def kill_replica_under_stream(serve_stack, bundles, seconds: float, clients: int
                     pids = replica_pids(app.name)
                 except Exception:  # noqa: BLE001 - state API momentarily behind
                     pids = []
-                if (
-                    len(pids) == 2
-                    and victim not in pids
-                    and app.replica_counts() == {"RUNNING": 2}
-                ):
+                if len(pids) == 2 and victim not in pids and app.replica_counts() == {"RUNNING": 2}:
                     recovered_at = time.monotonic()
                     break
                 time.sleep(0.2)
@@ -353,7 +349,9 @@ def noisy_multipart(n: int = 16, size: int = 96) -> tuple[bytes, str]:
         Image.fromarray(rng.integers(0, 255, (size, size), np.uint8)).save(buf, "PNG")
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
-            "Content-Type: image/png\r\n\r\n".encode() + buf.getvalue() + b"\r\n"
+            "Content-Type: image/png\r\n\r\n".encode()
+            + buf.getvalue()
+            + b"\r\n"
         )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
@@ -456,9 +454,7 @@ def swap_under_load(serve_stack, bundles, hold_s: float, clients: int) -> None:
     images = sample_pngs(bundles)
     oracles = {o.name: o for o in (Oracle(bundles["a"]["path"]), Oracle(bundles["b"]["path"]))}
     expected = {n: [o.predict(im) for im in images] for n, o in oracles.items()}
-    differ = sum(
-        not same_predictions(x, y) for x, y in zip(*expected.values(), strict=True)
-    )
+    differ = sum(not same_predictions(x, y) for x, y in zip(*expected.values(), strict=True))
     assert differ > len(images) // 2, "the two models must answer differently to tell them apart"
     paths = {"digits": bundles["a"]["path"], "digits-b": bundles["b"]["path"]}
     with own_app(serve_stack, "rel-swap", model=str(paths["digits"]),
@@ -529,8 +525,18 @@ def test_hot_swap_under_load(serve_stack, bundles):
 
 # ----------------------------------------------------------------------------- scenario 11
 
-IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff",
-               "image/x-icon", "image/svg+xml", "application/octet-stream", "image/anything"]
+IMAGE_TYPES = [
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/tiff",
+    "image/x-icon",
+    "image/svg+xml",
+    "application/octet-stream",
+    "image/anything",
+]
 OTHER_TYPES = ["text/plain", "application/json", "", "multipart/form-data", "image"]
 FUZZ_MAX_PIXELS = 4_000_000  # the fuzz app's limit: a decodable "huge" image stays cheap
 
@@ -562,6 +568,7 @@ def encode_image(rng: np.random.Generator, fmt: str, mode: str, w: int, h: int,
                  frames: int) -> bytes:  # fmt: skip
     """A well-formed image of the given format/mode/size; several frames where the format
     supports them (animated GIF/PNG/WebP, multi-page TIFF)."""
+
     def one() -> Image.Image:
         if mode == "I;16":
             return Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
@@ -625,10 +632,16 @@ def hostile_cases():
 
     dims = st.integers(0, 2**31 - 1) | st.sampled_from([0, 1, 65535, 65536, 100_000])
     declared = st.one_of(
-        st.builds(png_header_only, dims, dims, st.sampled_from([1, 8, 16]),
-                  st.sampled_from([0, 2, 3, 4, 6])),  # fmt: skip
-        st.builds(bmp_header_only, st.integers(-(2**31), 2**31 - 1),
-                  st.integers(-(2**31), 2**31 - 1)),  # fmt: skip
+        st.builds(
+            png_header_only,
+            dims,
+            dims,
+            st.sampled_from([1, 8, 16]),
+            st.sampled_from([0, 2, 3, 4, 6]),
+        ),  # fmt: skip
+        st.builds(
+            bmp_header_only, st.integers(-(2**31), 2**31 - 1), st.integers(-(2**31), 2**31 - 1)
+        ),  # fmt: skip
         st.builds(gif_header_only, st.integers(0, 65535), st.integers(0, 65535)),
     )
     bodies = st.one_of(
