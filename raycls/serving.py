@@ -306,8 +306,12 @@ class _ModelReplica:
             self._spec_cache = cached
         return cached[1]
 
-    async def classify_arrays(self, images: np.ndarray, top_k: int) -> list[list[dict]] | None:
-        """uint8 (n, C, H, W) -> per image top-k; None if a swap changed the input shape."""
+    async def classify_arrays(
+        self, images: np.ndarray, top_k: int
+    ) -> tuple[str, list[list[dict]]] | None:
+        """uint8 (n, C, H, W) -> (name of the model that ran, per image top-k); None if a swap
+        changed the input shape. The name comes from the batch, not from before it: a swap
+        between reading the spec and running the batch must not label B's answer as A's."""
         return await self._infer_batch((images, top_k))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
@@ -323,7 +327,7 @@ class _ModelReplica:
                 self._infer_pool, predict_groups, b, groups, [items[i][1] for i in ok]
             )
             for i, r in zip(ok, out, strict=True):
-                results[i] = r
+                results[i] = (b.name, r)
             n = sum(len(g) for g in groups)
             self._m_images.inc(n, tags={"model": b.name})
             self._m_batch.observe(n, tags={"model": b.name})
@@ -527,7 +531,9 @@ class Ingress(_ModelReplica):
             self._spec = await self.classifier.model_spec.remote()
         return self._spec
 
-    async def _classify(self, images: np.ndarray, top_k: int) -> list[list[dict]] | None:
+    async def _classify(
+        self, images: np.ndarray, top_k: int
+    ) -> tuple[str, list[list[dict]]] | None:
         if self.classifier is None:
             return await self.classify_arrays(images, top_k)
         return await self.classifier.classify_arrays.remote(images, top_k)
@@ -594,8 +600,9 @@ class Ingress(_ModelReplica):
             except bundle_lib.ImageError as e:
                 self._m_decode_errors.inc(tags={"code": e.code})
                 raise
-            preds = await self._classify(images, k)
-            if preds is not None:
+            ran = await self._classify(images, k)
+            if ran is not None:
+                model_name, preds = ran
                 break
             spec = await self._current_spec(refresh=True)
         else:
@@ -603,7 +610,7 @@ class Ingress(_ModelReplica):
         results = [
             {"filename": n, "predictions": p} for (n, _), p in zip(named, preds, strict=True)
         ]
-        answer: dict[str, Any] = {"model": spec["name"], "results": results}
+        answer: dict[str, Any] = {"model": model_name, "results": results}
         if len(results) == 1:
             answer["predictions"] = results[0]["predictions"]
         return _json(200, answer)

@@ -338,8 +338,8 @@ def test_replica_killed_under_stream(serve_stack, bundles):
 # ----------------------------------------------------------------------------- scenario 9
 
 
-def noisy_multipart(n: int = 16, size: int = 96) -> tuple[bytes, str]:
-    """One request of `n` noise PNGs: ~16x a single image's decode work, so the server saturates
+def noisy_multipart(n: int = 32, size: int = 128) -> tuple[bytes, str]:
+    """One request of `n` noise PNGs: ~100x a small image's decode work, so the server saturates
     long before this process's load generator does (both share 2 cores)."""
     rng = np.random.default_rng(9)
     boundary = "raycls-reliability"
