@@ -108,7 +108,7 @@ class SearchSettings:
         for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent_trials"):
             need(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0")
         need(
-            self.grace_period <= self.max_epochs,
+            self.scheduler != "asha" or self.grace_period <= self.max_epochs,
             f"grace_period={self.grace_period} is more than max_epochs={self.max_epochs}",
         )
         need(
@@ -172,10 +172,12 @@ def load_preset(preset: str) -> dict[str, Any]:
 def resolve_settings(preset: str, overrides: dict[str, Any]) -> SearchSettings:
     """Preset values, then command-line overrides (those not None)."""
     doc = load_preset(preset)
-    values = {**doc, **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
-    settings = SearchSettings(**values)
-    if settings.scheduler == "grid" and "num_samples" not in overrides | doc:
-        settings.num_samples = 1
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = SearchSettings(**{**doc, **given, "preset": preset})
+    if settings.scheduler == "grid" and "num_samples" not in given | doc:
+        settings.num_samples = 1  # a grid is searched once unless asked for repeats
+    if "grace_period" not in given | doc:
+        settings.grace_period = min(settings.grace_period, settings.max_epochs)
     settings.validate()
     return settings
 
