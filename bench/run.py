@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,10 +63,11 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         rc = "timeout"
     wall = time.perf_counter() - t0
     status = "ok" if rc == 0 else f"failed ({rc})"
+    load = [round(x, 1) for x in os.getloadavg()]
     print(f"[bench] {name}: {status} in {wall:.0f} s", flush=True)
     if rc != 0:
         print("".join(log.read_text().splitlines(keepends=True)[-15:]), file=sys.stderr)
-    return {"name": name, "status": status, "wall_s": round(wall, 1)}
+    return {"name": name, "status": status, "wall_s": round(wall, 1), "load_avg_at_end": load}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -90,7 +92,8 @@ def target_text(r: dict[str, Any]) -> str:
     return f"{op} {r['target']:g}{base} {verdict}".strip()
 
 
-def write_markdown(out: Path, path: Path, runs: list[dict[str, Any]]) -> None:
+def write_markdown(out: Path, path: Path, runs: list[dict[str, Any]],
+                   total: dict[str, Any] | None = None) -> None:  # fmt: skip
     results = {}
     for name in BENCHMARKS:
         f = out / f"{name}.json"
@@ -108,6 +111,17 @@ def write_markdown(out: Path, path: Path, runs: list[dict[str, Any]]) -> None:
         f"{hw.get('memory_gb', '?')} GB; {hw.get('gpu', 'no GPU')}; torch {hw.get('torch')}, "
         f"onnxruntime {hw.get('onnxruntime')}, ray {hw.get('ray')}; {hw.get('platform', '')}.",
         "",
+    ]
+    if total:
+        # the machine is shared: the load says how much of it the benchmarks had
+        each = ", ".join(f"{r['name']} {r['wall_s']:.0f} s" for r in runs)
+        lines += [
+            f"Last run: `{total['command']}`, {total['wall_s']:.0f} s in all ({each}); "
+            "load average "
+            f"(1/5/15 min) {total['load_start']} at start, {total['load_end']} at the end.",
+            "",
+        ]
+    lines += [
         "| benchmark | figure | measured | reference | ratio | target | conditions |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -149,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = Path(args.markdown) if args.markdown else (
         BENCH / "RESULTS.md" if out == (BENCH / "results").resolve() else out / "RESULTS.md")
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), [round(x, 1) for x in os.getloadavg()]
     runs = [run_one(name, args, out) for name in args.names]
-    write_markdown(out, md, runs)
-    print(f"[bench] all done in {time.perf_counter() - t0:.0f} s", flush=True)
+    total = {"command": "python bench/run.py " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+             "wall_s": time.perf_counter() - t0, "load_start": load_start,
+             "load_end": [round(x, 1) for x in os.getloadavg()]}  # fmt: skip
+    write_markdown(out, md, runs, total)
+    print(f"[bench] all done in {total['wall_s']:.0f} s", flush=True)
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 
 

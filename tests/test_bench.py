@@ -150,9 +150,12 @@ def test_run_py_table_and_bad_only(tmp_path):
     finally:
         sys.path.remove(str(BENCH))
     md = tmp_path / "RESULTS.md"
-    run.write_markdown(tmp_path, md, [{"name": "inference", "status": "ok", "wall_s": 1}])
+    total = {"command": "python bench/run.py --quick", "wall_s": 61.0, "load_start": [1.5, 2, 3],
+             "load_end": [4.5, 5, 6]}  # fmt: skip
+    run.write_markdown(tmp_path, md, [{"name": "inference", "status": "ok", "wall_s": 1}], total)
     text = md.read_text()
     assert "TestCPU" in text and "| inference | x images/s | 90 images/s" in text
+    assert "61 s in all (inference 1 s)" in text and "[1.5, 2, 3] at start" in text
     assert "0.90x" in text and "**missed**" in text and "a note" in text
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--only", "nonsense"],
                           capture_output=True, text=True)  # fmt: skip
