@@ -86,6 +86,7 @@ class SearchSettings:
     cpus_per_trial: int = 0  # 0 = one per worker
     gpus_per_trial: int = 0  # one GPU per worker when > 0 (sets use_gpu)
     max_concurrent_trials: int = 0  # 0 = derived from the cluster's CPUs/GPUs
+    max_trial_failures: int = 1  # Tune retries of an errored trial, from its newest checkpoint
     models_dir: str = "models"
     export: bool = True
     seed: int = 0  # seeds the searcher and PBT's explore
@@ -105,7 +106,8 @@ class SearchSettings:
         need(self.reduction_factor >= 2, f"reduction_factor={self.reduction_factor}: must be >= 2")
         need(self.perturbation_interval >= 1, "perturbation_interval: must be at least 1")
         need(0 < self.quantile_fraction <= 0.5, "quantile_fraction: must be in (0, 0.5]")
-        for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent_trials"):
+        for key in ("cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
+                    "max_trial_failures"):
             need(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0")
         need(
             self.scheduler != "asha" or self.grace_period <= self.max_epochs,
@@ -663,6 +665,9 @@ def run_search(
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=3, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
                 ),
+                # an errored trial restarts from its newest Tune checkpoint (train_driver passes
+                # it to the workers as resume_from); Train's own retries come first
+                failure_config=tune.FailureConfig(max_failures=settings.max_trial_failures),
                 callbacks=[ProgressTable(keys, settings.max_epochs), ReleaseOrphans()],
                 verbose=0,  # the progress table above replaces Tune's own
             ),
@@ -869,6 +874,7 @@ FLAGS: list[tuple[str, type, str]] = [
     ("cpus_per_trial", int, "CPUs per trial (0 = one per worker)"),
     ("gpus_per_trial", int, "GPUs per trial, one per worker (0 = CPU)"),
     ("max_concurrent_trials", int, "trials at once (0 = as many as the cluster fits)"),
+    ("max_trial_failures", int, "Tune retries of an errored trial, from its newest checkpoint"),
     ("models_dir", str, "where the winner's bundle is written (models/<name>)"),
     ("seed", int, "seeds the searcher and PBT's explore"),
 ]

@@ -209,6 +209,36 @@ def test_a_trial_that_raises_fails_the_search(ray_session, tmp_path, capsys):
     assert "ERROR" in rows and "done" in rows
 
 
+@pytest.mark.ray
+def test_a_trial_that_errors_once_is_retried_from_its_checkpoint(ray_session, tmp_path, capsys):
+    """Reliability scenario 6: Train gives up at once (max_failures 0), Tune retries the trial
+    from its newest checkpoint, and the search ends with no errors."""
+    import argparse
+
+    from raycls.search import add_arguments, main
+
+    marker = tmp_path / "failed-once"
+    once = {"fail_at_epoch": 2, "fail_mode": "raise", "fail_rank": 0, "fail_marker": str(marker)}
+    preset = write_preset(
+        tmp_path, scheduler="random", num_samples=1, max_epochs=3, max_trial_failures=1,
+        base={"max_failures": 0, "batch_size": 64, "extra": once},
+    )
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--preset", preset, "--name", "retried", "--storage-path", str(tmp_path / "runs"),
+        "--no-export",
+    ])
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    assert marker.exists(), "the injected failure never happened"
+    exp = tmp_path / "runs" / "retried"
+    runs = sorted(p.name for p in (exp / "train-runs").iterdir())
+    # the first Train run died at epoch 3; the retry is a run started from a Tune checkpoint
+    assert len(runs) == 2 and any("-from-" in r for r in runs), runs
+    rows = (exp / "results.csv").read_text()
+    assert "ERROR" not in rows
+
+
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     return subprocess.Popen(
