@@ -299,6 +299,11 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
                    for r in new_runs for t in finished)
     rows = (exp / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(",done," in r for r in rows)
+    # the final best is exactly the best val_acc any trial reported, the finished one included
+    import pandas as pd
+
+    reported = max(pd.read_csv(p)["val_acc"].max() for p in exp.glob("trial-*/progress.csv"))
+    assert summary["best"]["val_acc"] == pytest.approx(reported)
     assert (tmp_path / "models" / "killed" / "bundle.json").is_file()
 
 
