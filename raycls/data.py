@@ -105,11 +105,8 @@ def _build(name, classes, train_x, train_y, test_x, test_y, val_fraction, seed) 
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 # ----------------------------------------------------------------------------- digits
