@@ -595,18 +595,6 @@ def newest_unfinished(storage: Path) -> str:
     return found[-1].name
 
 
-def start_ray(address: str | None) -> None:
-    """Join `address` (or $RAY_ADDRESS; "auto" = the cluster running on this machine), else
-    start a private local Ray: a bare `ray.init()` would silently join whatever cluster someone
-    else started on this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, configure_logging=False, log_to_driver=True)
-
-
 def run_search(
     settings: SearchSettings, resume: bool = False, address: str | None = None
 ) -> dict[str, Any]:
@@ -616,7 +604,7 @@ def run_search(
     from ray import tune
 
     from raycls.data import load_dataset
-    from raycls.train import dataset_payload
+    from raycls.train import dataset_payload, init_ray
 
     settings, exp = prepare(settings, resume)
     settings.validate()
@@ -625,7 +613,7 @@ def run_search(
     check_policies(settings, ds)
     space = build_space(settings, cfg)
     scheduler, searcher = build_scheduler(settings), build_searcher(settings)
-    start_ray(address)
+    init_ray(address)
     concurrency = derive_concurrency(settings, ray.cluster_resources())
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings), indent=2))

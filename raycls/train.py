@@ -530,11 +530,14 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def init_ray(address: str) -> None:
-    """Start or join Ray. 'local' never attaches to another user's cluster by accident."""
+def init_ray(address: str | None = None) -> None:
+    """Join `address` (else $RAY_ADDRESS; "auto" = the cluster this node belongs to), else start
+    a private local Ray: a bare `ray.init()` would silently join whatever cluster someone else
+    started on this machine."""
     import ray
 
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, configure_logging=False)
 
 
