@@ -8,7 +8,9 @@ Fashion-MNIST's 1x28x28) and `heavy` (a ResNet-18 at CIFAR-10's 3x32x32). Each i
 
 - Ray Serve in the throughput-optimized mode with HAProxy on port 8000, as users run it
   (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1` set before Ray starts), with
-  `raycls.deploy`'s default arguments (one replica, `@serve.batch` 16 / 2 ms);
+  `raycls.deploy`'s default arguments except the replica count: one replica per core
+  (`min_replicas=max_replicas=<cores>`, each with one onnxruntime thread), plus the small model
+  with a single replica beside it so the gain from scaling out is visible;
 - the same with Serve's default HTTP proxy (a second Ray, started after the first is gone), so the
   cost of the mode is visible;
 - the plain server, one uvicorn process, no batching, alive throughout.
@@ -51,6 +53,13 @@ SETTINGS = {
              ("small", "heavy")),
 }  # fmt: skip
 FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# one replica per core: Serve's way to use a node; the plain server is one process whose
+# onnxruntime uses every core (its default)
+REPLICAS = os.cpu_count() or 1
+ONE_REPLICA = "small-1"  # the small model again, on a single replica (fast mode only)
+SERVE_SETUP = (f"Serve: {REPLICAS} replicas x 1 onnxruntime thread, @serve.batch 16 with no wait "
+               "(raycls.deploy defaults); plain: 1 uvicorn process, onnxruntime's default "
+               "threads, no batching")  # fmt: skip
 TARGETS = {"small": 1.0, "heavy": 1.5}  # Serve (fast mode) req/s over plain at concurrency 32
 
 
@@ -183,8 +192,9 @@ def start_plain(bundle_path: str) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
-def start_serve(mode: str, bundles: dict[str, str], port: int, log: Path):
-    """A subprocess running its own Ray + Serve with one app per bundle at /NAME."""
+def start_serve(mode: str, apps: dict[str, dict[str, Any]], port: int, log: Path):
+    """A subprocess running its own Ray + Serve with one app per entry at /NAME (its value:
+    `raycls.deploy` arguments)."""
     env = {k: v for k, v in os.environ.items() if k not in FAST_ENV}
     if mode == "fast":
         env.update(FAST_ENV)
@@ -192,7 +202,7 @@ def start_serve(mode: str, bundles: dict[str, str], port: int, log: Path):
         # 0.0.0.0: a second Serve on the host (another user's tests) makes it fail to start
         env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
         env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
-    cmd = [sys.executable, __file__, "--host-serve", json.dumps({"port": port, **bundles})]
+    cmd = [sys.executable, __file__, "--host-serve", json.dumps({"port": port, "apps": apps})]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"),
                             text=True)  # fmt: skip
     line = proc.stdout.readline()  # "READY {pids}" once every app answers
@@ -222,8 +232,9 @@ def serve_processes(root_pid: int) -> dict[str, int]:
 
 def host_serve(spec: dict[str, Any]) -> None:
     """Child process: start Ray and Serve, deploy each bundle, report READY, wait for SIGTERM."""
-    port = spec.pop("port")
-    ray = harness.start_ray(num_cpus=4)
+    port, apps = spec["port"], spec["apps"]
+    # logical CPUs: every replica gets its one; the real cores are shared by all of them
+    ray = harness.start_ray(num_cpus=sum(a.get("max_replicas", 1) for a in apps.values()) + 1)
     from ray import serve
 
     from raycls import deploy
@@ -231,9 +242,9 @@ def host_serve(spec: dict[str, Any]) -> None:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    for name, path in spec.items():
-        serve.run(deploy({"model": path}), name=name, route_prefix=f"/{name}", blocking=False)
-    for name in spec:
+    for name, args in apps.items():
+        serve.run(deploy(args), name=name, route_prefix=f"/{name}", blocking=False)
+    for name in apps:
         wait_ready(f"http://127.0.0.1:{port}/{name}/readyz")
     print("READY " + json.dumps(serve_processes(os.getpid())), flush=True)
     while not stopping:
@@ -326,21 +337,30 @@ def main() -> None:
         details["ceiling"] = ceil
         for serve_mode, conc, served in (("fast", levels, models),
                                          ("default", default_levels, default_models)):  # fmt: skip
-            proc, pids = start_serve(serve_mode, {m: bundles[m]["path"] for m in served}, port,
-                                     out / f"serving_{serve_mode}.log")  # fmt: skip
+            apps = {m: {"model": bundles[m]["path"], "min_replicas": REPLICAS,
+                        "max_replicas": REPLICAS} for m in served}  # fmt: skip
+            # the small model on one replica too: what scaling out adds (c=32 only)
+            one = serve_mode == "fast" and "small" in served and REPLICAS > 1
+            if one:
+                apps[ONE_REPLICA] = {"model": bundles["small"]["path"]}
+            proc, pids = start_serve(serve_mode, apps, port, out / f"serving_{serve_mode}.log")
             details[f"{serve_mode}_actors"] = pids
             try:
-                for m in served:
-                    for c in conc:
-                        for r in range(rounds):
-                            for server, url in (("plain", plain[m][1] + "/v1/classify"),
-                                                (serve_mode, f"http://127.0.0.1:{port}/{m}/v1/classify")):  # noqa: E501
-                                res = measure(url, bundles[m]["pngs"], c, seconds[m])
-                                details["points"].append({"model": m, "server": server,
-                                                          "round": r, **res})  # fmt: skip
-                                print(f"[bench] {m} {server:8s} c={c:2d} {res['rps']:7.1f} req/s "
-                                      f"p50 {res['p50_ms']:.1f} p99 {res['p99_ms']:.1f} ms "
-                                      f"errors {res['errors']}", flush=True)  # fmt: skip
+                plan = [(m, c, m, serve_mode) for m in served for c in conc]
+                if one:
+                    plan.append(("small", max(conc), ONE_REPLICA, "fast-1"))
+                for m, c, app, label in plan:
+                    for r in range(rounds):
+                        for server, url in (("plain", plain[m][1] + "/v1/classify"),
+                                            (label, f"http://127.0.0.1:{port}/{app}/v1/classify")):
+                            if server == "plain" and label == "fast-1":
+                                server = "plain-1"  # the reference measured beside it
+                            res = measure(url, bundles[m]["pngs"], c, seconds[m])
+                            details["points"].append({"model": m, "server": server,
+                                                      "round": r, **res})  # fmt: skip
+                            print(f"[bench] {m} {server:8s} c={c:2d} {res['rps']:7.1f} req/s "
+                                  f"p50 {res['p50_ms']:.1f} p99 {res['p99_ms']:.1f} ms "
+                                  f"errors {res['errors']}", flush=True)  # fmt: skip
                 if args.profile and serve_mode == "fast":
                     for m in models:  # `profile` is the small model's, `profile_heavy` ...
                         key = "profile" if m == "small" else f"profile_{m}"
@@ -453,7 +473,7 @@ def summarise(details, bundles, models, levels, default_levels, default_models, 
                 rps, n = med(m, serve_mode, c, "rps")
                 ref, _ = med(m, "plain", c, "rps")
                 cond = (f"{desc}, concurrency {c}, port {port}, {n} alternating rounds of "
-                        f"{seconds[m]:g} s, 1 replica, @serve.batch 16/2 ms")  # fmt: skip
+                        f"{seconds[m]:g} s; {SERVE_SETUP}")  # fmt: skip
                 target = TARGETS[m] if (serve_mode == "fast" and c == max(levels)) else None
                 rows.append(harness.row(f"{m}: {label} req/s, c={c}", rps, "req/s",
                                         reference="plain FastAPI + onnxruntime (1 process)",
@@ -471,6 +491,15 @@ def summarise(details, bundles, models, levels, default_levels, default_models, 
                         f"{m}: {label} images/s vs in-process ceiling, c={c}", rps, "images/s",
                         reference=f"decode + onnxruntime in-process, batch {ceil['best_batch']}",
                         reference_value=ceil["images_per_s"], target=0.5, conditions=cond))
+        one, n = med(m, "fast-1", max(levels), "rps")
+        if n:
+            ref, _ = med(m, "plain-1", max(levels), "rps")
+            c = max(levels)
+            rows.append(harness.row(
+                f"{m}: Serve throughput-optimized + HAProxy req/s, c={c}, ONE replica", one,
+                "req/s", reference="plain FastAPI + onnxruntime (1 process)", reference_value=ref,
+                conditions=f"{desc}, concurrency {c}, port {port}, {n} alternating rounds of "
+                           f"{seconds[m]:g} s; 1 replica, otherwise as above"))  # fmt: skip
     return rows
 
 

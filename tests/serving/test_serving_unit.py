@@ -255,3 +255,90 @@ def test_serve_args_fields_have_comments():
     doc = (REPO / "docs" / "cli-serve.md").read_text()
     missing = [f.name for f in dataclasses.fields(ServeArgs) if f"`{f.name}`" not in doc]
     assert missing == []
+
+
+# ----------------------------------------------------------------------------- the fast path
+
+
+class _Recorder:
+    """Stands in for the Ingress replica (what serve.get_replica_context() points at)."""
+
+    def __init__(self):
+        self.calls: list[tuple[bytes, int | None]] = []
+
+    async def classify_request(self, request, top_k):
+        from starlette.responses import JSONResponse
+
+        body = await request.body()
+        self.calls.append((body, top_k))
+        return JSONResponse({"fast": True, "bytes": len(body), "top_k": top_k})
+
+
+@pytest.fixture
+def fast_path(monkeypatch):
+    """ClassifyFastPath in front of a stand-in for the FastAPI app, behind a real ASGI client."""
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from raycls import serving
+
+    replica = _Recorder()
+    monkeypatch.setattr(
+        serving.serve, "get_replica_context", lambda: SimpleNamespace(servable_object=replica)
+    )
+
+    async def fallback(request):
+        return JSONResponse({"fast": False, "path": request.url.path})
+
+    inner = Starlette(routes=[Route("/{rest:path}", fallback, methods=["GET", "POST"])])
+    return TestClient(serving.ClassifyFastPath(inner), root_path="/small"), replica
+
+
+def test_fast_path_takes_raw_image_posts_only(fast_path):
+    client, replica = fast_path
+    raw = client.post("/small/v1/classify?top_k=3", content=b"\x89PNG...",
+                      headers={"content-type": "image/png"})  # fmt: skip
+    assert raw.json() == {"fast": True, "bytes": 7, "top_k": 3}
+    octet = client.post("/small/v1/classify", content=b"abc",
+                        headers={"content-type": "application/octet-stream"})  # fmt: skip
+    assert octet.json()["fast"] is True and octet.json()["top_k"] is None
+    # everything else is FastAPI's: multipart, other content types, other routes and methods
+    multipart = client.post("/small/v1/classify", files={"file": ("a.png", b"x", "image/png")})
+    assert multipart.json()["fast"] is False
+    text = client.post("/small/v1/classify", content=b"x", headers={"content-type": "text/plain"})
+    assert text.json()["fast"] is False
+    assert client.get("/small/v1/classify").json()["fast"] is False
+    other = client.post("/small/v2/classify", content=b"x", headers={"content-type": "image/png"})
+    assert other.json()["fast"] is False
+    assert len(replica.calls) == 2
+
+
+@pytest.mark.parametrize("query,status,top_k", [
+    ("top_k=7", 200, 7), ("top_k=2&top_k=4", 200, 4), ("other=1", 200, None),
+    ("top_k=abc", 422, None), ("top_k=2.5", 422, None), ("top_k=", 422, None),
+])  # fmt: skip
+def test_fast_path_reads_top_k_like_fastapi(fast_path, query, status, top_k):
+    client, replica = fast_path
+    r = client.post(f"/small/v1/classify?{query}", content=b"img",
+                    headers={"content-type": "image/png"})  # fmt: skip
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["top_k"] == top_k
+    else:
+        assert r.json()["error"]["code"] == "invalid_parameter"
+        assert "top_k" in r.json()["error"]["message"]
+        assert replica.calls == []  # refused before the body is read or the model runs
+
+
+def test_replica_sizes_onnxruntime_to_its_cpus():
+    from raycls.serving import ModelHolder, parse_args
+
+    so = ModelHolder(threads=2).session_options()
+    assert so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert ModelHolder().session_options().intra_op_num_threads == 0  # onnxruntime's default
+    assert parse_args({}).batch_wait_timeout_s == 0 and parse_args({}).access_log is False
