@@ -64,6 +64,7 @@ class ServeArgs:
     max_images: int = 64  # images per request (multipart `file` fields)
     split: bool | None = None  # ingress + classifier deployments; None = true when num_gpus > 0
     num_cpus: float = 1.0  # CPUs per replica
+    onnx_threads: int = 0  # onnxruntime threads per replica (no spinning); 0 = num_cpus, >= 1
     num_gpus: float = 0.0  # GPUs per classifier replica (implies split)
     min_replicas: int = 1  # ingress autoscaling range
     max_replicas: int = 1
@@ -143,6 +144,7 @@ def parse_args(args: dict[str, Any] | None) -> ServeArgs:
         (out.max_body_bytes >= 1024, "max_body_bytes must be at least 1024"),
         (out.max_pixels >= 1, "max_pixels must be at least 1"),
         (out.max_images >= 1, "max_images must be at least 1"),
+        (0 <= out.onnx_threads <= 1024, "onnx_threads must be in 0..1024 (0 = num_cpus)"),
         (out.num_cpus >= 0 and out.num_gpus >= 0, "num_cpus and num_gpus must be >= 0"),
         (1 <= out.min_replicas <= out.max_replicas, "need 1 <= min_replicas <= max_replicas"),
         (
@@ -274,7 +276,7 @@ class _ModelReplica:
         from ray.serve.metrics import Counter, Histogram
 
         self._holder = ModelHolder(
-            _providers(args.num_gpus), threads=max(1, round(args.num_cpus))
+            _providers(args.num_gpus), threads=args.onnx_threads or max(1, round(args.num_cpus))
         )
         self._model_args = args
         # one inference thread: the event loop keeps reading and decoding requests meanwhile,
