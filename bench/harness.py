@@ -250,11 +250,14 @@ def start_ray(num_cpus: int = 2, env: dict[str, str] | None = None):
 
     os.environ.update(env or {})
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from raycls.train import local_ray_options
+
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         configure_logging=False,
         log_to_driver=False,
+        **local_ray_options(),
     )
     return ray

@@ -36,12 +36,15 @@ def ray_session(tmp_path_factory):
         for k in SERVE_FAST_ENV:
             os.environ.pop(k, None)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from raycls.train import local_ray_options
+
     ray.init(
         address="local",  # always a fresh cluster of our own, never someone else's `ray start`
         num_cpus=4,
         include_dashboard=False,
         configure_logging=False,
         log_to_driver=True,
+        **local_ray_options(),  # each Train run's teardown would wait 12 s otherwise
     )
     yield ray
     try:

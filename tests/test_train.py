@@ -88,3 +88,24 @@ def test_failure_without_retries_exits_then_resume_completes(ray_session, tmp_pa
     summary = run_training(small(tmp_path), resume="flaky")
     assert summary["epochs"] == 3
     assert min(h["start_epoch"] for h in summary["history"] if h["epoch"] > 1) == 1
+
+
+def test_workers_find_their_own_ray_api_server(ray_session):
+    """Train V2's PlacementGroupCleaner polls the State API from a worker; without an address it
+    reads /tmp/ray/ray_current_cluster, which a stopped `ray start` leaves stale (12 s lost per
+    run). local_ray_options() names this Ray's own API server for every worker."""
+    import time
+
+    ray = ray_session
+    expected = ray.get_runtime_context().runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
+
+    @ray.remote(num_cpus=0)
+    def resolve() -> tuple[str, float]:
+        from ray.dashboard.utils import get_address_for_submission_client
+
+        t0 = time.perf_counter()
+        return get_address_for_submission_client(None), time.perf_counter() - t0
+
+    url, seconds = ray.get(resolve.remote())
+    assert url == expected and url.startswith("http://127.0.0.1:")
+    assert seconds < 1.0
