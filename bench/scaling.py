@@ -23,7 +23,7 @@ from raycls.config import TrainConfig
 
 SETTINGS = {  # mode -> (dataset, train images, epochs, rounds, val_acc target)
     "tiny": ("digits", 512, 2, 1, 0.3),
-    # quick: one alternation (1 worker, 2 workers): every run pays ~30-50 s of fixed Ray Train
+    # quick: one alternation (1 worker, 2 workers): every run pays ~12 s of fixed Ray Train
     # start-up and teardown here, so a second round would cost two more of those
     "quick": ("fashion-mnist", 4096, 3, 1, 0.70),
     "full": ("fashion-mnist", 30000, 5, 2, 0.87),

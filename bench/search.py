@@ -30,7 +30,7 @@ import numpy as np
 
 SETTINGS = {  # mode -> (dataset, train images, total epoch budget, max epochs per trial)
     "tiny": ("digits", None, 4, 2),
-    # quick: the searches' wall time is Ray Train's fixed start-up and teardown (~30-50 s a trial
+    # quick: the searches' wall time is Ray Train's fixed start-up and teardown (~12 s a trial
     # on this shared machine), not the epochs, so all of a search's trials run at once
     "quick": ("fashion-mnist", 2048, 4, 2),
     "full": ("fashion-mnist", 20000, 24, 4),
