@@ -144,7 +144,7 @@ def write_markdown(out: Path, path: Path, runs: list[dict[str, Any]],
             f"{res['started']}, load average at start {hw_load})",
         ]
         if name in PLOTS and (out / PLOTS[name]).exists():
-            rel = Path("results") / PLOTS[name] if out == BENCH / "results" else out / PLOTS[name]
+            rel = Path(os.path.relpath(out / PLOTS[name], path.parent))  # from the table
             lines.append(f"- plot: [{PLOTS[name]}]({rel})")
         lines += [f"- {n}" for n in res["notes"]]
         lines.append("")

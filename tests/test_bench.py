@@ -10,6 +10,7 @@ cores), so they are marked `slow` as well as `ray`: `pytest -m slow tests/test_b
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,10 +97,17 @@ def test_serving_benchmark(tmp_path):
     result = run_bench("serving", tmp_path, "--port", "0", "--profile")
     points = result["details"]["points"]
     servers = {p["server"] for p in points}
-    assert servers == {"plain", "fast", "default"}
+    # one replica per core, plus (on a multi-core machine) a single replica beside it and a point
+    # with 16 images per multipart request
+    many = {"plain-1", "fast-1", "fast-multi"} if (os.cpu_count() or 1) > 1 else set()
+    assert servers == {"plain", "fast", "default"} | many
     assert all(p["ok"] > 0 and p["errors"] == 0 for p in points), points
     assert any("Serve throughput-optimized + HAProxy req/s" in f for f in figures(result))
     assert any("vs in-process ceiling" in f for f in figures(result))
+    if many:
+        assert any(f.endswith("ONE replica") for f in figures(result))
+        multi = [r for r in result["rows"] if "16 images per request" in r["figure"]]
+        assert len(multi) == 1 and multi[0]["value"] > 0 and multi[0]["reference_value"] > 0
     assert "inclusive" in result["details"]["profile"], result["details"]["profile"]
     assert (tmp_path / "serving_throughput.png").stat().st_size > 1000
 
