@@ -3,8 +3,8 @@ result JSON with its fields (speed is not asserted: it is what the benchmarks me
 pieces that need no Ray: the load generator against the plain server over real HTTP, and the
 RESULTS.md table.
 
-The Ray benchmarks start their own local Ray in a subprocess (a minute or two each on 2 shared
-cores), so they are marked `slow` as well as `ray`: `pytest -m slow tests/test_bench.py`.
+The Ray benchmarks start their own local Ray in a subprocess (30 s to 2 minutes each on 2 cores,
+about 6 minutes in all); they run in the default suite so that CI catches a broken script.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def test_inference_benchmark(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_train_overhead_benchmark(tmp_path):
     result = run_bench("train_overhead", tmp_path)
     ray_row = result["rows"][0]
@@ -73,7 +72,6 @@ def test_train_overhead_benchmark(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_scaling_benchmark(tmp_path):
     result = run_bench("scaling", tmp_path)
     assert {"1", "2"} == set(result["details"]["runs"])
@@ -82,7 +80,6 @@ def test_scaling_benchmark(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_time_to_accuracy_benchmark(tmp_path):
     result = run_bench("time_to_accuracy", tmp_path)
     curve = result["details"]["digits"]["curve"]
@@ -92,7 +89,6 @@ def test_time_to_accuracy_benchmark(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_serving_benchmark(tmp_path):
     result = run_bench("serving", tmp_path, "--port", "0", "--profile")
     points = result["details"]["points"]
@@ -113,7 +109,6 @@ def test_serving_benchmark(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_search_benchmark(tmp_path):
     result = run_bench("search", tmp_path)
     if not result["rows"]:
