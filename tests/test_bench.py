@@ -96,7 +96,7 @@ def test_serving_benchmark(tmp_path):
     # one replica per core, plus (on a multi-core machine) a single replica beside it and a point
     # with 16 images per multipart request
     many = {"plain-1", "fast-1", "fast-multi"} if (os.cpu_count() or 1) > 1 else set()
-    assert servers == {"plain", "fast", "default"} | many
+    assert servers == {"plain", "fast", "plain-default", "default"} | many
     assert all(p["ok"] > 0 and p["errors"] == 0 for p in points), points
     assert any("Serve throughput-optimized + HAProxy req/s" in f for f in figures(result))
     assert any("vs in-process ceiling" in f for f in figures(result))
