@@ -26,9 +26,9 @@ from raycls.config import TrainConfig
 # mode -> [(dataset, train images (None = all), epochs, target test accuracy or None)]
 SETTINGS = {
     "tiny": [("digits", None, 2, 0.5)],
-    # quick: a smoke-sized point on each CPU target (cannot reach it; the full run does);
+    # quick: one smoke-sized point (cannot reach the target; the full run does, for MNIST too);
     # CIFAR-10's fixed budget only in the full run: each run costs ~12 s of Ray start-up here
-    "quick": [("mnist", 8192, 1, 0.99), ("fashion-mnist", 8192, 1, 0.90)],
+    "quick": [("fashion-mnist", 8192, 1, 0.90)],
     "full": [("mnist", None, 3, 0.99), ("fashion-mnist", None, 10, 0.90),
              ("cifar10", None, 10, None)],
     "gpu": [("cifar10", None, 10, 0.94)],

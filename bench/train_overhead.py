@@ -33,8 +33,8 @@ from raycls.train import NO_FLIP_DATASETS, build_optimizer, lr_lambda
 SETTINGS = {  # mode -> (dataset, train images, epochs per run, rounds, aug steps per block)
     "tiny": ("digits", 512, 2, 1, 3),
     # quick: each `raycls train` run costs ~12 s of Ray Train start-up and teardown here whatever
-    # the data size; epochs of ~4 s (6,144 images) keep one scheduler hiccup from deciding a ratio
-    "quick": ("fashion-mnist", 6144, 3, 2, 5),
+    # the data size; epochs of ~3 s (4,096 images) keep one scheduler hiccup from deciding a ratio
+    "quick": ("fashion-mnist", 4096, 3, 2, 5),
     "full": ("fashion-mnist", 30000, 5, 3, 20),
 }
 # (channels, size, policy, target): the default policy at the dataset's shape and at CIFAR's;
