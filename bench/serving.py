@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -198,10 +199,17 @@ def start_serve(mode: str, apps: dict[str, dict[str, Any]], port: int, log: Path
     env = {k: v for k, v in os.environ.items() if k not in FAST_ENV}
     if mode == "fast":
         env.update(FAST_ENV)
-        # HAProxy's own stats and metrics listeners default to fixed ports (8404, 9101) on
-        # 0.0.0.0: a second Serve on the host (another user's tests) makes it fail to start
-        env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-        env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+        # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101) and replicas'
+        # direct-ingress ports start at 30000 in every Ray: a second fast-mode Serve on the host
+        # (a test session's, whose port settings this process may have inherited) makes HAProxy
+        # fail to bind or route to the other cluster's replicas. So always ports of our own.
+        block = 30100 + 100 * random.Random(os.getpid() ^ time.monotonic_ns()).randrange(10)
+        env.update({"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(block),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(block + 49),
+                    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(block + 50),
+                    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(block + 99)})  # fmt: skip
     cmd = [sys.executable, __file__, "--host-serve", json.dumps({"port": port, "apps": apps})]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"),
                             text=True)  # fmt: skip
