@@ -535,10 +535,10 @@ def _route_path(scope: dict[str, Any]) -> str:
 
 
 def _raw_image_body(scope: dict[str, Any]) -> bool:
+    """The same content-type rule as split_images: a raw image body, not multipart."""
     for key, value in scope["headers"]:
         if key == b"content-type":
-            media = value.split(b";")[0].strip().lower()
-            return media.startswith(b"image/") or media == b"application/octet-stream"
+            return value.decode("latin-1").split(";")[0].strip().lower().startswith(RAW_TYPES)
     return False
 
 
