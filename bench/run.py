@@ -63,11 +63,10 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         rc = "timeout"
     wall = time.perf_counter() - t0
     status = "ok" if rc == 0 else f"failed ({rc})"
-    load = [round(x, 1) for x in os.getloadavg()]
     print(f"[bench] {name}: {status} in {wall:.0f} s", flush=True)
     if rc != 0:
         print("".join(log.read_text().splitlines(keepends=True)[-15:]), file=sys.stderr)
-    return {"name": name, "status": status, "wall_s": round(wall, 1), "load_avg_at_end": load}
+    return {"name": name, "status": status, "wall_s": round(wall, 1)}
 
 
 # ----------------------------------------------------------------------------- the table
