@@ -24,6 +24,10 @@ class TrainConfig:
     image_size: int = 0  # 0 = the dataset's native size; imagefolder/parquet images are resized
     val_fraction: float = 0.1  # share of the training split held out for validation (seeded)
     seed: int = 0  # seeds the split, the model init and the augmentation RNG
+    # memory: decode once, hold uint8 arrays in the object store (fast for small data);
+    # stream: Ray Data decodes on the fly (any size); auto: stream imagefolder/parquet only
+    data_mode: str = "auto"
+    max_bad_images: int = 100  # undecodable files skipped (and named) before a run stops
 
     # --- model ---
     model: str = "resnet_small"  # see raycls.models.list_models()
@@ -45,6 +49,9 @@ class TrainConfig:
     aug_mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixup; 0 = off
     aug_cutmix_alpha: float = 0.0  # Beta(alpha, alpha) cutmix; 0 = off
     aug_policy_file: str = ""  # a PBA schedule (JSON) exported by a search; overrides aug_policy
+    # streaming only: the smallest share of an image's area a random training crop keeps
+    # (RandomResizedCrop); 1 = the whole image, resized (no crop)
+    aug_crop_scale: float = 0.35
 
     # --- distribution ---
     num_workers: int = 2
@@ -89,6 +96,10 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         need(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
         need(self.max_failures >= -1, "max_failures", "must be >= 0 (or -1 for unlimited)")
+        need(self.data_mode in ("auto", "memory", "stream"), "data_mode",
+             "choose auto, memory or stream")
+        need(self.max_bad_images >= 0, "max_bad_images", "must be >= 0")
+        need(0.05 <= self.aug_crop_scale <= 1, "aug_crop_scale", "must be in [0.05, 1]")
         need(self.aug_mixup_alpha >= 0, "aug_mixup_alpha", "must be >= 0")
         need(self.aug_cutmix_alpha >= 0, "aug_cutmix_alpha", "must be >= 0")
 

@@ -5,18 +5,19 @@
 - `mnist`, `fashion-mnist`: the four official gzipped IDX files in `data_dir`.
 - `cifar10`: the official *binary* layout (`cifar-10-batches-bin/`); downloaded (md5-checked) when
   missing and the network is reachable.
-- `imagefolder:PATH` (one sub-folder per class) and `parquet:PATH` (columns `image` bytes and
-  `label`): decoded in parallel through Ray Data, resized to `image_size` (default 32).
+- `imagefolder:PATH` and `parquet:PATH` (layouts in `raycls.sources`): streamed by
+  `raycls.stream` by default; `--data-mode memory` decodes them here once, through Ray Data and
+  the one decoder, centre-cropped to `image_size` (default 32).
 
 Train/val is a seeded split of the official training set; the test split is the official one where
-the dataset has one. mean/std are per channel, of [0, 1]-scaled training pixels.
+the dataset has one (encoded datasets: see `raycls.sources`). mean/std are per channel, of
+[0, 1]-scaled training pixels.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
 import tarfile
 import tempfile
@@ -49,7 +50,8 @@ class Dataset:
     std: tuple[float, ...]
     train: Split
     val: Split
-    test: Split
+    test: Split  # empty when the data has no test split
+    resize: str = "stretch"  # how a bundle fits served images to the input size (raycls.bundle)
 
     @property
     def channels(self) -> int:
@@ -68,6 +70,7 @@ class Dataset:
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "resize": self.resize,
         }
 
 
@@ -269,130 +272,68 @@ def load_cifar10(data_dir: str, val_fraction: float, seed: int, download: bool =
     return _build("cifar10", classes, tx, ty, vx, vy, val_fraction, seed)
 
 
-# ----------------------------------------------------------------------------- Ray Data sources
+# ----------------------------------------------------------------------------- encoded images
 
 
-def _decode_rows(batch: dict, size: int, channels: int) -> dict:
-    """Ray Data map_batches: encoded bytes -> uint8 (C, size, size); bad files are reported."""
-    from io import BytesIO
+def load_encoded(
+    spec: str, image_size: int, val_fraction: float, seed: int, max_bad_images: int = 100,
+) -> Dataset:
+    """`imagefolder:` / `parquet:` decoded once into memory (`--data-mode memory`): listed by
+    `raycls.sources`, decoded in parallel by Ray Data with the validation rule of
+    `raycls.stream` (centre crop, the one decoder), collected as uint8 arrays. Files that do
+    not decode are skipped and named; more than `max_bad_images` of them stop the load."""
+    from raycls.sources import SourceError, open_source
+    from raycls.stream import DEFAULT_IMAGE_SIZE, decode_batch
 
-    from PIL import Image, UnidentifiedImageError
-
-    mode = "L" if channels == 1 else "RGB"
-    out, errors = [], []
-    for data, path in zip(batch["bytes"], batch["path"], strict=True):
-        try:
-            with Image.open(BytesIO(data)) as im:
-                im = im.convert(mode).resize((size, size), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-            out.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-            errors.append("")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            out.append(np.zeros((channels, size, size), np.uint8))
-            errors.append(f"{path}: unreadable image ({type(e).__name__}: {e})")
-    return {"image": np.stack(out), "label": batch["label"], "error": np.array(errors)}
-
-
-def _collect(ds, size: int, channels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    decoded = ds.map_batches(_decode_rows, fn_kwargs={"size": size, "channels": channels})
-    rows = decoded.to_pandas()
-    bad = [e for e in rows["error"] if e]
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(f"{what}: {len(bad)} unreadable image(s): " + "; ".join(bad[:5]) + more)
-    return np.stack(rows["image"].to_list()), rows["label"].to_numpy(np.int64)
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
-def load_imagefolder(path: str, image_size: int, val_fraction: float, seed: int) -> Dataset:
-    import ray
-
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"imagefolder: {root} is not a directory (expected a folder per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"imagefolder: {root} needs at least 2 class sub-folders, found {classes}")
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        found = sorted(
-            str(f) for f in (root / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        src = open_source(spec, val_fraction, seed)
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    size = image_size or DEFAULT_IMAGE_SIZE
+    splits, bad = {}, []
+    for name, split in src.splits.items():
+        ds = split.to_ray().map_batches(
+            decode_batch, fn_kwargs={"channels": src.channels, "size": size, "train": False},
+            batch_size=64,
         )
-        if not found:
-            raise DataError(
-                f"imagefolder: class folder {root / c} has no images "
-                f"({', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-        files += found
-        labels += [i] * len(found)
-    size = image_size or 32
-    probe = _probe_channels(files[0])
-    label_of = dict(zip(files, labels, strict=True))
-    ds = ray.data.read_binary_files(files, include_paths=True).map(
-        lambda r: {"bytes": r["bytes"], "path": r["path"], "label": label_of[_abs(r["path"])]}
+        images, labels = [], []
+        for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            ok = b["valid"].astype(bool)
+            images.append(b["image"][ok])
+            labels.append(b["label"][ok])
+            bad += [str(e) for e in b["error"][~ok]]
+        x = np.concatenate(images) if images else np.zeros((0, src.channels, size, size), np.uint8)
+        y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        splits[name] = Split(_t(x), _l(y))
+    report_bad_images(bad, max_bad_images, src.name)
+    empty = Split(_t(np.zeros((0, src.channels, size, size), np.uint8)), _l(np.zeros(0)))
+    mean, std = _mean_std(splits["train"].images)
+    return Dataset(src.name, src.classes, mean, std, splits["train"], splits["val"],
+                   splits.get("test", empty), resize="center-crop")
+
+
+def _first(bad: list[str], n: int = 5) -> str:
+    return "; ".join(bad[:n]) + (f" (and {len(bad) - n} more)" if len(bad) > n else "")
+
+
+def bad_images_message(what: str, bad: list[str], limit: int) -> str:
+    """The error once more than `limit` files did not decode (streaming and memory alike)."""
+    return (
+        f"{what}: {len(bad)} unreadable image(s), more than --max-bad-images {limit}: "
+        f"{_first(bad)}. Fix or remove those files (`raycls data inspect` lists them), or "
+        "raise --max-bad-images"
     )
-    images, y = _collect(ds, size, probe, f"imagefolder {root}")
-    return _hold_out_test(f"imagefolder:{root}", classes, images, y, val_fraction, seed)
 
 
-def _abs(path: str) -> str:
-    # Ray Data reports paths without the leading "/" of local absolute paths
-    return path if path.startswith("/") or os.path.exists(path) else "/" + path
+def report_bad_images(bad: list[str], limit: int, what: str) -> None:
+    """Warn about skipped files; raise DataError once there are more than `limit` of them."""
+    if len(bad) > limit:
+        raise DataError(bad_images_message(what, bad, limit))
+    if bad:
+        import sys
 
-
-def _probe_channels(file: str) -> int:
-    from PIL import Image
-
-    try:
-        with Image.open(file) as im:
-            return 1 if im.mode in ("1", "L", "I;16", "I", "F") else 3
-    except OSError as e:
-        raise DataError(f"{file}: unreadable image ({e})") from None
-
-
-def load_parquet(path: str, image_size: int, val_fraction: float, seed: int) -> Dataset:
-    import pyarrow.parquet as pq
-    import ray
-
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"parquet: {p} does not exist")
-    schema = pq.read_schema(next(p.rglob("*.parquet")) if p.is_dir() else p)
-    missing = {"image", "label"} - set(schema.names)
-    if missing:
-        raise DataError(f"parquet: {p} lacks column(s) {sorted(missing)}; found {schema.names}")
-    ds = ray.data.read_parquet(str(p), columns=["image", "label"])
-    raw_labels = ds.unique("label")
-    classes = sorted(str(v) for v in raw_labels)
-    if all(isinstance(v, int | np.integer) for v in raw_labels):
-        classes = [str(i) for i in range(int(max(raw_labels)) + 1)]
-    index = {c: i for i, c in enumerate(classes)}
-    ds = ds.map(
-        lambda r: {"bytes": r["image"], "path": f"{p} row label={r['label']}",
-                   "label": index[str(r["label"])]}
-    )
-    first = ds.take(1)[0]["bytes"]
-    from io import BytesIO
-
-    from PIL import Image
-
-    try:
-        with Image.open(BytesIO(first)) as im:
-            channels = 1 if im.mode in ("1", "L", "I;16", "I", "F") else 3
-    except OSError as e:
-        raise DataError(f"parquet {p}: first image is unreadable ({e})") from None
-    images, y = _collect(ds, image_size or 32, channels, f"parquet {p}")
-    return _hold_out_test(f"parquet:{p}", classes, images, y, val_fraction, seed)
-
-
-def _hold_out_test(name, classes, images, labels, val_fraction, seed, test_fraction=0.2):
-    order = np.random.default_rng(12345).permutation(len(labels))
-    n_test = max(1, int(round(len(labels) * test_fraction)))
-    test, rest = order[:n_test], order[n_test:]
-    return _build(name, classes, images[rest], labels[rest], images[test], labels[test],
-                  val_fraction, seed)
+        print(f"[raycls] warning: skipped {len(bad)} unreadable image(s): {_first(bad)}",
+              file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -402,7 +343,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "
 
 def load_dataset(
     name: str, data_dir: str = "data", image_size: int = 0, val_fraction: float = 0.1,
-    seed: int = 0, download: bool = True,
+    seed: int = 0, download: bool = True, max_bad_images: int = 100,
 ) -> Dataset:
     """Load a dataset by registry name; see the module docstring for the names."""
     if name == "digits":
@@ -413,10 +354,8 @@ def load_dataset(
         ds = load_idx_dataset("fashion-mnist", data_dir, FASHION_CLASSES, val_fraction, seed)
     elif name == "cifar10":
         ds = load_cifar10(data_dir, val_fraction, seed, download)
-    elif name.startswith("imagefolder:"):
-        return load_imagefolder(name.split(":", 1)[1], image_size, val_fraction, seed)
-    elif name.startswith("parquet:"):
-        return load_parquet(name.split(":", 1)[1], image_size, val_fraction, seed)
+    elif name.startswith(("imagefolder:", "parquet:")):
+        return load_encoded(name, image_size, val_fraction, seed, max_bad_images)
     else:
         raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     if image_size and image_size != ds.image_size:
@@ -432,4 +371,5 @@ def resize_dataset(ds: Dataset, size: int) -> Dataset:
         x = F.interpolate(s.images.float(), size=(size, size), mode="bilinear", antialias=True)
         return Split(x.round().clamp(0, 255).to(torch.uint8), s.labels)
 
-    return Dataset(ds.name, ds.classes, ds.mean, ds.std, rs(ds.train), rs(ds.val), rs(ds.test))
+    return Dataset(ds.name, ds.classes, ds.mean, ds.std, rs(ds.train), rs(ds.val), rs(ds.test),
+                   ds.resize)

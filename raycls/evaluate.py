@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=256, help="images per onnxruntime call (default 256)"
     )
+    parser.add_argument(
+        "--max-images", type=int, default=10_000,
+        help="test images read from an imagefolder/parquet dataset (default 10000)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as a last JSON line")
 
 
@@ -118,23 +122,9 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
     plt.close(fig)
 
 
-def evaluate_bundle(
-    bundle_path: str | Path,
-    *,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    int8: bool = False,
-    output_dir: str | Path | None = None,
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """Evaluate a bundle on a dataset's test split; writes the PNG and report.json."""
+def builtin_test_split(bundle: Bundle, name: str, cfg: dict[str, Any], data_dir: str | None):
     from raycls.data import DataError, load_dataset
 
-    bundle = load_bundle(bundle_path, int8=int8)
-    cfg = bundle.meta.get("config", {})
-    name = dataset or cfg.get("dataset")
-    if not name:
-        raise BundleError(f"{bundle.path}: bundle.json has no training config; pass --dataset")
     try:
         ds = load_dataset(
             name,
@@ -145,12 +135,64 @@ def evaluate_bundle(
         )
     except DataError as e:
         raise BundleError(f"cannot load dataset {name!r}: {e} (set --data-dir)") from None
-    if ds.channels != bundle.channels or list(ds.classes) != bundle.classes:
+    return ds.classes, ds.channels, ds.test.images.numpy(), ds.test.labels.numpy()
+
+
+def encoded_test_split(bundle: Bundle, name: str, cfg: dict[str, Any], max_images: int):
+    """At most `max_images` test images of an imagefolder/parquet dataset, each decoded by the
+    bundle exactly as serving decodes it (no Ray, no torch); files that do not decode are
+    counted out and named."""
+    from raycls.bundle import ImageError
+    from raycls.sources import SourceError, open_source
+
+    try:
+        src = open_source(name, cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
+    except SourceError as e:
+        raise BundleError(f"cannot read dataset {name!r}: {e}") from None
+    if "test" not in src.splits:
+        raise BundleError(f"dataset {name!r} has no test split (no test/ folder or rows)")
+    images, labels, bad = [], [], []
+    for row in src.splits["test"].iter_rows(limit=max_images):
+        try:
+            images.append(bundle.decode(row["image"]))
+            labels.append(row["label"])
+        except ImageError as e:
+            bad.append(f"{row['path']}: {e}")
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s): {'; '.join(bad[:5])}",
+              file=sys.stderr)
+    if not images:
+        raise BundleError(f"dataset {name!r}: no readable test images")
+    return src.classes, src.channels, np.stack(images), np.asarray(labels, np.int64)
+
+
+def evaluate_bundle(
+    bundle_path: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    int8: bool = False,
+    output_dir: str | Path | None = None,
+    batch_size: int = 256,
+    max_images: int = 10_000,
+) -> dict[str, Any]:
+    """Evaluate a bundle on a dataset's test split; writes the PNG and report.json."""
+    from raycls.sources import is_encoded
+
+    bundle = load_bundle(bundle_path, int8=int8)
+    cfg = bundle.meta.get("config", {})
+    name = dataset or cfg.get("dataset")
+    if not name:
+        raise BundleError(f"{bundle.path}: bundle.json has no training config; pass --dataset")
+    if is_encoded(name):
+        classes, channels, images, labels = encoded_test_split(bundle, name, cfg, max_images)
+    else:
+        classes, channels, images, labels = builtin_test_split(bundle, name, cfg, data_dir)
+    if channels != bundle.channels or list(classes) != bundle.classes:
         raise BundleError(
-            f"dataset {name!r} ({ds.channels} channels, classes {list(ds.classes)[:5]}...) does "
+            f"dataset {name!r} ({channels} channels, classes {list(classes)[:5]}...) does "
             f"not match the bundle ({bundle.channels} channels, classes {bundle.classes[:5]}...)"
         )
-    images, labels = ds.test.images.numpy(), ds.test.labels.numpy()
     logits = bundle_logits(bundle, images, batch_size)
     figures = compute_metrics(labels, logits, bundle.classes)
     out = Path(output_dir) if output_dir else Path("reports") / bundle.name
@@ -185,6 +227,7 @@ def main(args: argparse.Namespace) -> int:
             int8=args.int8,
             output_dir=args.output_dir,
             batch_size=args.batch_size,
+            max_images=args.max_images,
         )
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)

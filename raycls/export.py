@@ -46,6 +46,7 @@ MAX_IR_VERSION = 10  # onnx 1.23 can write IR 14; onnxruntime 1.3x loads IR <= 1
 PARITY_MAX_ABS_DIFF = 1e-3  # logits
 PARITY_MIN_TOP1_AGREEMENT = 0.999
 PARITY_BATCH_SIZES = (1, 7, 64)  # plus whatever remains, so shapes 1, odd and full all run
+CALIBRATION_IMAGES = 512  # training images that calibrate the INT8 ranges
 INT8_MAX_ACC_DROP = 0.01  # 1 percentage point of test accuracy
 ACC_WARN_GAP = 0.002  # ONNX vs training test_acc: warn above 0.2 points
 
@@ -304,20 +305,28 @@ def parity_images(ds: Any, n: int, seed: int = 0) -> torch.Tensor:
     return held_out[order[:n]].contiguous()
 
 
-def load_matching_dataset(meta: dict[str, Any], data_dir: str | None) -> Any:
+def load_matching_dataset(meta: dict[str, Any], data_dir: str | None,
+                          num_images: int = 1000) -> Any:
     """The dataset the checkpoint was trained on, checked against the checkpoint's data meta."""
     from raycls.data import DataError, load_dataset
+    from raycls.ingest import MAX_EVAL_IMAGES, sample_dataset
+    from raycls.sources import SourceError, is_encoded
 
     cfg, data = meta["config"], meta["data"]
     try:
-        ds = load_dataset(
-            cfg["dataset"],
-            data_dir=data_dir or cfg["data_dir"],
-            image_size=cfg.get("image_size", 0),
-            val_fraction=cfg.get("val_fraction", 0.1),
-            seed=cfg.get("seed", 0),
-        )
-    except DataError as e:
+        if is_encoded(cfg["dataset"]):  # a bounded read, however large the dataset
+            limits = {"train": max(CALIBRATION_IMAGES, num_images), "val": num_images,
+                      "test": MAX_EVAL_IMAGES}
+            ds = sample_dataset(cfg, data, limits)
+        else:
+            ds = load_dataset(
+                cfg["dataset"],
+                data_dir=data_dir or cfg["data_dir"],
+                image_size=cfg.get("image_size", 0),
+                val_fraction=cfg.get("val_fraction", 0.1),
+                seed=cfg.get("seed", 0),
+            )
+    except (DataError, SourceError) as e:
         raise ExportError(f"cannot load dataset {cfg['dataset']!r}: {e} (set --data-dir)") from None
     got = (list(ds.classes), ds.channels, ds.image_size)
     want = (list(data["classes"]), data["channels"], data["image_size"])
@@ -351,7 +360,7 @@ def export_bundle(
     except (CheckpointError, KeyError, RuntimeError, ValueError) as e:
         raise ExportError(f"cannot rebuild the model from {ckpt}: {e}") from None
     data, cfg = meta["data"], meta["config"]
-    ds = load_matching_dataset(meta, data_dir)
+    ds = load_matching_dataset(meta, data_dir, num_parity_images)
 
     model_bytes = export_onnx(model, data)
     log(f"exported {ckpt} to ONNX (opset {OPSET}, {len(model_bytes) / 1e6:.2f} MB); checker ok")
@@ -362,17 +371,21 @@ def export_bundle(
         f"batch sizes {parity['batch_sizes']}"
     )
 
-    test_x, test_y = ds.test.images.numpy(), ds.test.labels.numpy()
+    # a dataset without a test split (an imagefolder with train/ and val/ only) is measured on val
+    split = "test" if len(ds.test) else "val"
+    held = ds.test if len(ds.test) else ds.val
+    test_x, test_y = held.images.numpy(), held.labels.numpy()
     onnx_test_acc = onnx_accuracy(cpu_session(model_bytes), test_x, test_y)
     train_metrics = {**meta.get("metrics", {}), **(result or {})}
     test_acc = train_metrics.get("test_acc")
     metrics = {
         "val_acc": train_metrics.get("val_acc"),
         "test_acc": test_acc,
-        "onnx_test_acc": onnx_test_acc,
+        f"onnx_{split}_acc": onnx_test_acc,
     }
     trained = f"{test_acc:.4f}" if isinstance(test_acc, float) else "not recorded"
-    log(f"onnx test accuracy {onnx_test_acc:.4f} on {len(test_y)} images (training: {trained})")
+    log(f"onnx {split} accuracy {onnx_test_acc:.4f} on {len(test_y)} images "
+        f"(training: {trained})")
     if isinstance(test_acc, float) and abs(onnx_test_acc - test_acc) > ACC_WARN_GAP:
         log(
             f"warning: ONNX test accuracy differs from training's by "
@@ -390,7 +403,8 @@ def export_bundle(
             "width": data["image_size"],
             "dtype": "uint8",
             "layout": "NCHW",
-            "resize": "bilinear",
+            # the validation rule of training: serving and predict fit images the same way
+            "resize": data.get("resize", "stretch"),
         },
         "metrics": metrics,
         "parity": parity,
@@ -400,7 +414,7 @@ def export_bundle(
     }
     if int8:
         order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))
-        calibration = ds.train.images[order[:512]].numpy()
+        calibration = ds.train.images[order[:CALIBRATION_IMAGES]].numpy()
         int8_bytes = quantize_int8(model_bytes, calibration)
         int8_acc = onnx_accuracy(cpu_session(int8_bytes), test_x, test_y)
         drop = onnx_test_acc - int8_acc

@@ -6,7 +6,8 @@ normalised float images (B, C, H, W) and returning logits (B, K). Names:
 - `resnet_small` (default): a small residual CNN in the spirit of the fastest CIFAR-10 nets
   (airbench, ResNet-9): conv stem, then stages of conv -> max-pool -> BN -> GELU with one residual
   conv each, global max-pool, linear head. Stages stop before the feature map gets below 2x2, so
-  the same net serves 8x8 digits, 28x28 MNIST and 32x32 CIFAR.
+  the same net serves 8x8 digits, 28x28 MNIST and 32x32 CIFAR. Above 64 px the stem cuts the
+  image into patches first (stride 2-8), so 128-224 px photos train at a practical rate.
 - `resnet18`: torchvision's ResNet-18 with a small-image stem (3x3 conv, no max-pool) for 32x32.
 - any torchvision classification model by name (`mobilenet_v3_small`, `vgg11_bn`, ...), adapted
   to the dataset's channels (grey is repeated to RGB) and to small images (upsampled to 32x32).
@@ -60,11 +61,31 @@ class Stage(nn.Module):
         return x + self.res(x)
 
 
+PATCH_STEM_ABOVE = 64  # px: larger inputs are cut into patches before the first 3x3 conv
+
+
+def patch_stride(image_size: int) -> int:
+    """1 up to 64 px; above, the power of two that brings the map to at most 48 px (128 -> 4,
+    224 -> 8), so 128-224 px photos cost about what 28-32 px images do."""
+    stride = 1
+    if image_size > PATCH_STEM_ABOVE:
+        while image_size / stride > 48:
+            stride *= 2
+    return stride
+
+
 class ResNetSmall(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int = 16):
         super().__init__()
-        self.stem = conv_bn(in_channels, width)
-        stages, c, size = [], width, image_size
+        stride = patch_stride(image_size)
+        if stride == 1:  # small images keep full resolution (8x8 digits, 28-32 px)
+            self.stem = conv_bn(in_channels, width)
+        else:  # a patchify stem (as in ConvNeXt / ViT): non-overlapping stride x stride patches
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, stride, stride=stride, bias=False),
+                nn.BatchNorm2d(width), nn.GELU(),
+            )
+        stages, c, size = [], width, image_size // stride
         for c_out in (width, 2 * width, 4 * width):
             pool = size >= 4  # keep at least a 2x2 map after pooling
             stages.append(Stage(c, c_out, pool))

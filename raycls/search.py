@@ -242,7 +242,7 @@ def build_space(settings: SearchSettings, cfg: TrainConfig) -> dict[str, Any]:
     return space
 
 
-def check_policies(settings: SearchSettings, ds: Any) -> None:
+def check_policies(settings: SearchSettings, info: dict[str, Any]) -> None:
     """Every augmentation policy the search may use must build for this dataset (a flip on
     digits, a crop larger than the image): fail now, not in every trial."""
     from raycls.augment import build_augment
@@ -256,10 +256,10 @@ def check_policies(settings: SearchSettings, ds: Any) -> None:
     policies += settings.mutations.get("aug_policy", [])
     for policy in policies:
         try:
-            build_augment(policy, channels=ds.channels, image_size=ds.image_size,
-                          allow_flip=ds.name not in NO_FLIP_DATASETS)
+            build_augment(policy, channels=info["channels"], image_size=info["image_size"],
+                          allow_flip=info["name"] not in NO_FLIP_DATASETS)
         except ValueError as e:
-            raise ConfigError(f"aug_policy {policy!r} does not suit {ds.name}: {e}") from None
+            raise ConfigError(f"aug_policy {policy!r} does not suit {info['name']}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the trainable
@@ -294,7 +294,7 @@ def train_run_name(trial_id: str, checkpoint_path: str) -> str:
     return f"train-{trial_id}-from-{hashlib.sha1(checkpoint_path.encode()).hexdigest()[:8]}"
 
 
-def train_driver(config: dict[str, Any], data: dict[str, Any], train_storage: str) -> None:
+def train_driver(config: dict[str, Any], data: Any, train_storage: str) -> None:
     """One Tune trial: fit a TorchTrainer on the trial's TrainConfig, forwarding every epoch."""
     from ray import tune
     from ray.util.queue import Queue
@@ -314,7 +314,7 @@ def train_driver(config: dict[str, Any], data: dict[str, Any], train_storage: st
     )
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, data["ref"], callbacks=[ForwardToTune(reports, acks)])
+    trainer = build_trainer(cfg, data, callbacks=[ForwardToTune(reports, acks)])
     outcome: dict[str, Any] = {}
 
     def fit() -> None:  # Train's fit blocks, so it runs beside the loop that reports to Tune
@@ -329,6 +329,9 @@ def train_driver(config: dict[str, Any], data: dict[str, Any], train_storage: st
     # When Tune stops this trial (ASHA, PBT pause, the last epoch), the actor is ended and the
     # Train controller dies with it; ReleaseOrphans in the search driver frees its workers.
     while (item := reports.get()) is not None:
+        if item["metrics"].get("data_error"):  # deterministic: retrying the trial cannot help
+            acks.put(True)
+            raise RuntimeError(item["metrics"]["data_error"])
         ckpt = item["checkpoint"]
         tune.report(  # ray: persists a copy of the Train checkpoint into the trial dir
             item["metrics"],
@@ -391,13 +394,22 @@ def build_searcher(settings: SearchSettings):
         raise ConfigError(f"--searcher optuna: {e} (pip install optuna)") from None
 
 
-def derive_concurrency(settings: SearchSettings, resources: dict[str, float]) -> int:
+STREAM_DATA_CPUS = 1  # at least this many CPUs (and a quarter of them) stay free for Ray Data
+
+
+def derive_concurrency(settings: SearchSettings, resources: dict[str, float],
+                       streaming: bool = False) -> int:
     """Trials that fit the cluster at once: Train drivers beyond that would sit waiting for
-    workers (Tune cannot see the Train workers' resources, the trial itself asks for none)."""
+    workers (Tune cannot see the Train workers' resources, the trial itself asks for none).
+    Streaming trials leave CPUs for Ray Data's decode tasks, which run outside every trial's
+    placement group: trials that take every CPU would starve them and hang (ray#54305)."""
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
     cpus_per_trial = settings.cpus_per_trial or settings.workers_per_trial
-    n = int(resources.get("CPU", 1) // cpus_per_trial)
+    cpus = resources.get("CPU", 1)
+    if streaming:
+        cpus -= max(STREAM_DATA_CPUS, cpus // 4)
+    n = int(cpus // cpus_per_trial)
     if settings.gpus_per_trial:
         n = min(n, int(resources.get("GPU", 0) // settings.gpus_per_trial))
     if n < 1:
@@ -603,22 +615,22 @@ def run_search(
     import ray
     from ray import tune
 
-    from raycls.data import load_dataset
-    from raycls.train import dataset_payload, init_ray
+    from raycls.ingest import prepare_data
+    from raycls.train import init_ray, stream_cpus
 
     settings, exp = prepare(settings, resume)
     settings.validate()
     cfg = trial_config(settings)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.seed)
-    check_policies(settings, ds)
     space = build_space(settings, cfg)
     scheduler, searcher = build_scheduler(settings), build_searcher(settings)
-    init_ray(address)
-    concurrency = derive_concurrency(settings, ray.cluster_resources())
+    init_ray(address, min_cpus=stream_cpus(cfg))
+    data, ds = prepare_data(cfg)  # ray: memory: one copy in the object store for all trials
+    check_policies(settings, data.info)
+    concurrency = derive_concurrency(settings, ray.cluster_resources(),
+                                     streaming=data.mode == "stream")
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings), indent=2))
 
-    data = {"ref": ray.put(dataset_payload(ds))}  # ray: one copy in the object store for all
     trainable = tune.with_resources(
         tune.with_parameters(train_driver, data=data, train_storage=str(exp / "train-runs")),
         TRIAL_RESOURCES,
@@ -627,8 +639,8 @@ def run_search(
     print(
         f"[raycls] search {settings.name}: {settings.scheduler} over {', '.join(keys)}; "
         f"{settings.num_samples} trial(s) x <= {settings.max_epochs} epochs, "
-        f"{concurrency} at a time, {cfg.num_workers} worker(s) each, on {ds.name} "
-        f"({len(ds.train)} train / {len(ds.val)} val) -> {exp}",
+        f"{concurrency} at a time, {cfg.num_workers} worker(s) each, on {data.header()} "
+        f"-> {exp}",
         flush=True,
     )
     t0 = time.perf_counter()
@@ -662,7 +674,7 @@ def run_search(
         )
     grid = tuner.fit()  # ray: does NOT raise when trials fail; errors are checked below
     elapsed = time.perf_counter() - t0
-    return report(settings, exp, grid, ds, keys, elapsed)
+    return report(settings, exp, grid, (data, ds), keys, elapsed)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -764,9 +776,12 @@ def best_checkpoint(result: Any) -> Any:
     return max(kept, key=lambda cm: (cm[1][METRIC], -cm[1].get("val_loss", 0.0)))[0]
 
 
-def report(settings: SearchSettings, exp: Path, grid: Any, ds: Any, keys: list[str],
-           elapsed: float) -> dict[str, Any]:
+def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any],
+           keys: list[str], elapsed: float) -> dict[str, Any]:
+    """The ranked table, results.csv, the plot, the best trial's files and its export.
+    `data` is prepare_data's (RunData, Dataset or None), for the best trial's test accuracy."""
     from raycls.augment import save_policy_schedule
+    from raycls.ingest import test_batches
     from raycls.models import read_checkpoint_meta
     from raycls.train import test_accuracy
 
@@ -799,7 +814,7 @@ def report(settings: SearchSettings, exp: Path, grid: Any, ds: Any, keys: list[s
         schedule_path = exp / "best_policy_schedule.json"
         schedule = schedule_from_history(history)
         save_policy_schedule(str(schedule_path), schedule)
-        test_acc, _ = test_accuracy(ckpt.path, ds)
+        test_acc = test_accuracy(ckpt.path, test_batches(*data))[0]
         best_config = {**config, "aug_policy_file": str(schedule_path) if len(schedule) > 1 else ""}
         (exp / "best_config.json").write_text(json.dumps(best_config, indent=2))
         summary["best"] = {
@@ -810,7 +825,8 @@ def report(settings: SearchSettings, exp: Path, grid: Any, ds: Any, keys: list[s
         }
         print(
             f"[raycls] best trial {best['trial_id']}: val_acc {best['val_acc']:.4f} at epoch "
-            f"{best['best_epoch']}, test_acc {test_acc:.4f}\n"
+            f"{best['best_epoch']}, "
+            + (f"test_acc {test_acc:.4f}" if test_acc is not None else "no test split") + "\n"
             f"[raycls] best config: {exp / 'best_config.json'}\n"
             f"[raycls] augmentation schedule: {schedule_path} "
             f"({len(schedule)} phase(s): {'; '.join(f'{e}: {p}' for e, p in schedule)})\n"

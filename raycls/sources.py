@@ -184,6 +184,11 @@ def parquet_rows(columns: dict[str, list], split: SplitSource, index: dict[str, 
 
 
 def label_index(value: Any, index: dict[str, int]) -> int:
+    """An integer label is the class index itself; a string label is a class name."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        if 0 <= value < len(index):
+            return int(value)
+        raise SourceError(f"label {value} is out of range for {len(index)} classes")
     key = str(value)
     if key not in index:
         raise SourceError(f"label {value!r} is not one of the classes {list(index)}")

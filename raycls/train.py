@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from raycls.augment import build_augment, load_policy_schedule, mix_batch, policy_for_epoch
 from raycls.config import ConfigError, TrainConfig
-from raycls.data import DataError, Dataset, load_dataset
+from raycls.data import DataError, Dataset, bad_images_message
+from raycls.ingest import RunData
 from raycls.models import (
     CheckpointError,
     build_model,
@@ -80,18 +81,25 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
+def memory_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device):
+    """Full batches of an in-memory shard: (uint8 images, labels, None = every row valid)."""
+    for step in range(len(labels) // batch_size):
+        sl = slice(step * batch_size, (step + 1) * batch_size)
+        yield (images[sl].to(device, non_blocking=True), labels[sl].to(device, non_blocking=True),
+               None)
+
+
 def train_one_epoch(
-    model, optimizer, scheduler, images, labels, *, cfg: TrainConfig, augment, mean, std,
-    num_classes: int, batch_size: int, device, generator: torch.Generator,
+    model, optimizer, scheduler, batches, *, cfg: TrainConfig, augment, mean, std,
+    num_classes: int, device, generator: torch.Generator,
 ) -> tuple[float, int]:
-    """One pass over this worker's shard. Returns (mean loss, images seen)."""
+    """One pass over this worker's batches of (uint8 (B, C, H, W), labels, valid mask or None).
+    Rows masked invalid (files that did not decode) count for nothing. Returns (mean loss,
+    images seen)."""
     model.train()
     total_loss, seen = 0.0, 0
     mixing = cfg.aug_mixup_alpha > 0 or cfg.aug_cutmix_alpha > 0
-    steps = len(labels) // batch_size
-    for step in range(steps):
-        x = images[step * batch_size : (step + 1) * batch_size].to(device, non_blocking=True)
-        y = labels[step * batch_size : (step + 1) * batch_size].to(device, non_blocking=True)
+    for x, y, valid in batches:
         x = augment(x.float().div_(255), generator)  # (B, C, H, W) in [0, 1]
         x = (x - mean) / std
         target = y
@@ -103,29 +111,41 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        losses = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing,
+                                 reduction="none")
+        n = len(y) if valid is None else int(valid.sum())
+        loss = losses.mean() if valid is None else (losses * valid).sum() / max(1, n)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # every rank steps on every batch, masked or not: DDP stays in lockstep
         optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(y)
-        seen += len(y)
+        total_loss += loss.item() * n
+        seen += n
     return total_loss / max(1, seen), seen
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, *, mean, std, device, batch_size: int = 512):
-    """(sum of losses, number correct, count) over the given images: summed so ranks can add."""
+def evaluate_batches(model, batches, *, mean, std, device):
+    """(sum of losses, number correct, count) over valid rows: summed so ranks can add."""
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(labels), batch_size):
-        x = normalise(images[i : i + batch_size].to(device), mean, std)
-        y = labels[i : i + batch_size].to(device)
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y, valid in batches:
+        x = normalise(x.to(device), mean, std)
+        y = y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss_sum, correct, len(labels)
+        keep = torch.ones_like(y, dtype=torch.bool) if valid is None else valid.to(device)
+        loss_sum += F.cross_entropy(logits[keep], y[keep], reduction="sum").item()
+        correct += (logits.argmax(1) == y)[keep].sum().item()
+        count += int(keep.sum())
+    return loss_sum, correct, count
+
+
+def evaluate(model, images, labels, *, mean, std, device, batch_size: int = 512):
+    """evaluate_batches over in-memory arrays (the last partial batch included)."""
+    batches = ((images[i : i + batch_size], labels[i : i + batch_size], None)
+               for i in range(0, len(labels), batch_size))
+    return evaluate_batches(model, batches, mean=mean, std=std, device=device)
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -137,12 +157,15 @@ def all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:
+def maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int, step: int = 0) -> None:
     """Test hook: `extra={"fail_at_epoch": E, "fail_mode": "raise"|"exit", "fail_marker": PATH}`
-    makes rank `fail_rank` (default 1) fail once at the start of epoch E (the marker file records
-    that it already failed, so the restarted run goes on)."""
+    makes rank `fail_rank` (default 1) fail once at the start of epoch E, or after
+    `fail_after_batches` batches of it (mid-epoch); the marker file records that it already
+    failed, so the restarted run goes on."""
     spec = cfg.extra
     if "fail_at_epoch" not in spec or epoch != spec["fail_at_epoch"]:
+        return
+    if step != spec.get("fail_after_batches", 0):
         return
     if rank != spec.get("fail_rank", 1 if cfg.num_workers > 1 else 0):
         return
@@ -158,9 +181,92 @@ def maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:
 # ----------------------------------------------------------------------------- the worker
 
 
+class WorkerData:
+    """One rank's data for the run: its in-memory shard or its streaming readers."""
+
+    def __init__(self, config: dict[str, Any], cfg: TrainConfig, rank: int, world: int, device):
+        import ray
+        import ray.train
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.streaming = "_data" not in config
+        if self.streaming:
+            from raycls.stream import ShardReader
+
+            self.info = config["_stream_info"]
+            # ray: each worker's share of the Ray Data pipelines (streaming_split)
+            self.train = ShardReader(ray.train.get_dataset_shard("train"), self.info, device)
+            self.val = ShardReader(ray.train.get_dataset_shard("val"), self.info, device)
+            self.num_train = self.info["counts"]["train"]
+        else:
+            with warnings.catch_warnings():  # arrays from the object store are read-only
+                warnings.simplefilter("ignore", UserWarning)
+                data = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                        for k, v in ray.get(config["_data"]).items()}  # ray: object store
+            self.info = data["info"]
+            self.train_x, self.train_y = data["train_x"], data["train_y"]
+            self.val_x, self.val_y = data["val_x"][rank::world], data["val_y"][rank::world]
+            self.num_train = len(self.train_y)
+        self.batch_size = max(1, min(cfg.batch_size_per_worker, self.num_train // world))
+        if self.streaming:  # equal shares of num_train // world rows, the last batch partial
+            self.steps_per_epoch = max(1, math.ceil(self.num_train // world / self.batch_size))
+        else:
+            self.steps_per_epoch = max(1, self.num_train // (self.batch_size * world))
+
+    def train_batches(self, epoch: int):
+        """This rank's batches of epoch `epoch`: a different order every epoch, seeded."""
+        seed = self.cfg.seed * 100_003 + epoch
+        if self.streaming:
+            batches = self.train.epoch(self.batch_size, shuffle_seed=seed + self.rank)
+            for step, b in enumerate(batches):
+                if step:
+                    maybe_inject_failure(self.cfg, epoch, self.rank, step)
+                self.seen_ids.append(b["ids"])
+                yield b["images"], b["labels"], b["valid"]
+            return
+        # the same permutation on every rank, then each takes its own slice
+        order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(seed))
+        shard = order[: self.steps_per_epoch * self.batch_size * self.world][self.rank::self.world]
+        yield from memory_batches(self.train_x[shard], self.train_y[shard], self.batch_size,
+                                  self.device)
+
+    def val_batches(self):
+        if self.streaming:
+            for b in self.val.epoch(512):
+                yield b["images"], b["labels"], b["valid"]
+            return
+        for i in range(0, len(self.val_y), 512):
+            yield self.val_x[i : i + 512], self.val_y[i : i + 512], None
+
+    def new_bad_images(self) -> list[str]:
+        """Undecodable files this epoch met on any rank (every rank gets the same list)."""
+        if not self.streaming:
+            return []
+        mine = self.train.bad + self.val.bad
+        self.train.bad.clear(), self.val.bad.clear()
+        if self.world == 1 or not dist.is_initialized():
+            return sorted(set(mine))
+        gathered: list[list[str]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(gathered, mine)
+        return sorted({b for part in gathered for b in part})
+
+    seen_ids: list[torch.Tensor]
+
+
+def record_ids_seam(cfg: TrainConfig, data: WorkerData, epoch: int) -> None:
+    """Test seam, off unless `extra={"record_ids_dir": DIR}`: each rank writes the ids of the
+    training images it was given in `epoch` (one file per rank and epoch, named by the time)."""
+    folder = cfg.extra.get("record_ids_dir")
+    if folder and data.streaming:
+        ids = torch.cat(data.seen_ids).tolist() if data.seen_ids else []
+        name = f"ids-e{epoch}-r{data.rank}-t{time.time_ns()}.json"
+        Path(folder, name).write_text(json.dumps(ids))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs. `config` is TrainConfig.to_dict() plus `_data` (an
-    object ref to the dataset arrays, loaded once by the driver)."""
+    object ref to the dataset arrays, loaded once by the driver) or `_stream_info` (the
+    description of a dataset streamed through `ray.train.get_dataset_shard`)."""
     import ray
     import ray.train
     import ray.train.torch
@@ -170,16 +276,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()  # ray:
-    with warnings.catch_warnings():  # arrays from the object store are read-only; never written
-        warnings.simplefilter("ignore", UserWarning)
-        data = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                for k, v in ray.get(config["_data"]).items()}  # ray: shared via the object store
-    info = data["info"]
+    data = WorkerData(config, cfg, rank, world, device)
+    info = data.info
     num_classes = len(info["classes"])
     mean = torch.tensor(info["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(info["std"], device=device).view(1, -1, 1, 1)
-    train_x, train_y = data["train_x"], data["train_y"]
-    val_x, val_y = data["val_x"][rank::world], data["val_y"][rank::world]  # each rank its share
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
     model = build_model(
@@ -189,14 +290,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # ray: DDP wrapper, moves to device
-    batch_per_worker = max(1, min(cfg.batch_size_per_worker, len(train_y) // world))
-    steps_per_epoch = max(1, len(train_y) // (batch_per_worker * world))
     optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, data.steps_per_epoch))
     schedule = load_policy_schedule(cfg.aug_policy_file) if cfg.aug_policy_file else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    start_epoch, best_val_acc, stale, history = 0, -1.0, 0, []
+    start_epoch, best_val_acc, stale, history, bad_images = 0, -1.0, 0, [], []
     checkpoint = ray.train.get_checkpoint()  # ray: set after a restart
     restore_dir = None
     if checkpoint is not None:
@@ -211,9 +310,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator.set_state(state["rng"][rank % len(state["rng"])])
         start_epoch = meta["epoch"] + 1
         best_val_acc, stale = meta["best_val_acc"], meta["epochs_without_improvement"]
-        history = meta["history"]
+        history, bad_images = meta["history"], meta.get("bad_images", [])
         if rank == 0:
-            log(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done)")
+            log(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done"
+                + (", the interrupted epoch is read again from its start)"
+                   if data.streaming else ")"))
 
     mean_std = {"mean": mean, "std": std}
     for epoch in range(start_epoch, cfg.num_epochs):
@@ -223,21 +324,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             policy, channels=info["channels"], image_size=info["image_size"],
             allow_flip=info["name"] not in NO_FLIP_DATASETS,
         )
-        # the same permutation on every rank, then each takes its own slice
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
-            cfg.seed * 100_003 + epoch))[: steps_per_epoch * batch_per_worker * world]
-        shard = order[rank::world]
+        data.seen_ids = []
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
-            model, optimizer, scheduler, train_x[shard], train_y[shard], cfg=cfg,
-            augment=augment, num_classes=num_classes, batch_size=batch_per_worker,
-            device=device, generator=generator, **mean_std,
+            model, optimizer, scheduler, data.train_batches(epoch), cfg=cfg,
+            augment=augment, num_classes=num_classes, device=device, generator=generator,
+            **mean_std,
         )
         train_time = time.perf_counter() - t0
-        val_loss, correct, count = evaluate(model, val_x, val_y, device=device, **mean_std)
+        record_ids_seam(cfg, data, epoch)
+        # the plain module, not DDP: DDP's forward syncs buffers (a collective), and val shares
+        # may differ by a batch between ranks (seen here: a hang)
+        val_loss, correct, count = evaluate_batches(
+            unwrap(model), data.val_batches(), device=device, **mean_std
+        )
         loss_sum, seen_all, val_loss, correct, count = all_sum(
             [train_loss * seen, seen, val_loss, correct, count], device
         )
+        new_bad = [b for b in data.new_bad_images() if b not in bad_images]
+        bad_images += new_bad
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(1, seen_all),
@@ -248,7 +353,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_time_s": train_time,
             "aug_policy": augment.policy,
             "start_epoch": start_epoch,  # epochs already done when this worker group started
+            "bad_images": len(bad_images),
         }
+        if new_bad and rank == 0:
+            log(f"warning: skipped {len(new_bad)} unreadable image(s) in epoch {epoch + 1}: "
+                + "; ".join(new_bad[:5]) + (" ..." if len(new_bad) > 5 else ""))
+        if len(bad_images) > cfg.max_bad_images:
+            # every rank saw the same gathered list, so all stop here together; a report
+            # instead of an exception, so that Train does not retry what would fail again
+            message = bad_images_message(cfg.dataset, bad_images, cfg.max_bad_images)
+            ray.train.report({**metrics, "data_error": message})
+            return
         improved = metrics["val_acc"] > best_val_acc
         best_val_acc, stale = max(best_val_acc, metrics["val_acc"]), 0 if improved else stale + 1
         stop_early = cfg.early_stop_patience and stale >= cfg.early_stop_patience
@@ -265,7 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "scheduler": scheduler.state_dict(), "rng": rngs},
                     {"config": cfg.to_dict(), "data": info, "epoch": epoch, "metrics": metrics,
                      "best_val_acc": best_val_acc, "epochs_without_improvement": stale,
-                     "history": history},
+                     "history": history, "bad_images": bad_images},
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 log(
@@ -346,15 +461,7 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
     return cfg.replace(name=name, storage_path=storage)
 
 
-def dataset_payload(ds: Dataset) -> dict[str, Any]:
-    return {
-        "info": ds.describe(),
-        "train_x": ds.train.images.numpy(), "train_y": ds.train.labels.numpy(),
-        "val_x": ds.val.images.numpy(), "val_y": ds.val.labels.numpy(),
-    }
-
-
-def build_trainer(cfg: TrainConfig, data_ref, callbacks=None):
+def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None):
     """The TorchTrainer for a run; shared by `raycls train` and each Tune trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -365,9 +472,18 @@ def build_trainer(cfg: TrainConfig, data_ref, callbacks=None):
     # the poll itself is cheap. Train passes this variable on to the controller it starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+    extra: dict[str, Any] = {}
+    if data.mode == "stream":  # ray: Train splits the Ray Datasets over the workers
+        from raycls.stream import data_config
+
+        loop_data = {"_stream_info": {**data.info, "counts": data.counts}}
+        extra = {"datasets": data.datasets, "dataset_config": data_config()}
+    else:
+        loop_data = {"_data": data.memory_ref}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**cfg.to_dict(), "_data": data_ref},
+        train_loop_config={**cfg.to_dict(), **loop_data},
+        **extra,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -389,17 +505,30 @@ def build_trainer(cfg: TrainConfig, data_ref, callbacks=None):
     )
 
 
-def test_accuracy(checkpoint_dir: str, ds: Dataset) -> tuple[float, float]:
-    """(test_acc, test_loss) of a checkpoint on the dataset's test split, on this process's CPU."""
+def test_accuracy(checkpoint_dir: str, batches) -> tuple[float | None, float | None, int]:
+    """(test_acc, test_loss, images) of a checkpoint over test batches, on this process's CPU;
+    (None, None, 0) when the dataset has no test split."""
     from raycls.models import model_from_checkpoint
 
     model, meta = model_from_checkpoint(checkpoint_dir)
     mean = torch.tensor(meta["data"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["data"]["std"]).view(1, -1, 1, 1)
-    loss, correct, count = evaluate(
-        model, ds.test.images, ds.test.labels, mean=mean, std=std, device=torch.device("cpu")
+    loss, correct, count = evaluate_batches(
+        model, batches, mean=mean, std=std, device=torch.device("cpu")
     )
-    return correct / count, loss / count
+    if not count:
+        return None, None, 0
+    return correct / count, loss / count, count
+
+
+def check_policies(cfg: TrainConfig, info: dict[str, Any]) -> None:
+    """Build every augmentation policy of the run against the dataset now, not in every worker."""
+    policies = [cfg.aug_policy]
+    if cfg.aug_policy_file:
+        policies += [p for _, p in load_policy_schedule(cfg.aug_policy_file)]
+    for policy in policies:
+        build_augment(policy, channels=info["channels"], image_size=info["image_size"],
+                      allow_flip=info["name"] not in NO_FLIP_DATASETS)
 
 
 def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset | None = None):
@@ -407,63 +536,71 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     import ray
     import ray.train
 
+    from raycls.ingest import prepare_data, test_batches
+
     cfg = resolve_run(cfg, resume)
-    ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.val_fraction,
-                                 cfg.seed)
-    # check every policy against this dataset now, not later inside every worker
-    policies = [cfg.aug_policy]
-    if cfg.aug_policy_file:
-        policies += [p for _, p in load_policy_schedule(cfg.aug_policy_file)]
-    for policy in policies:
-        build_augment(policy, channels=ds.channels, image_size=ds.image_size,
-                      allow_flip=ds.name not in NO_FLIP_DATASETS)
+    data, ds = prepare_data(cfg, dataset)
+    free = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * cfg.cpus_per_worker
+    if data.mode == "stream" and free < 1:
+        raise RunError(
+            f"streaming needs at least one CPU for Ray Data beside the {cfg.num_workers} "
+            f"worker(s) x {cfg.cpus_per_worker} CPU(s), and the cluster has "
+            f"{ray.cluster_resources().get('CPU', 0):g}: lower --num-workers, or start Ray with "
+            "more CPUs (`ray start --num-cpus N`)"
+        )
+    check_policies(cfg, data.info)
     run_dir = Path(cfg.storage_path) / cfg.name
     if "://" not in cfg.storage_path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "raycls_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     print(
-        f"[raycls] run {cfg.name}: {ds.name} ({len(ds.train)} train / {len(ds.val)} val / "
-        f"{len(ds.test)} test, {ds.channels}x{ds.image_size}x{ds.image_size}), model {cfg.model}, "
+        f"[raycls] run {cfg.name}: {data.header()}, model {cfg.model}, "
         f"{cfg.num_workers} worker(s), {cfg.num_epochs} epochs, batch {cfg.batch_size} -> "
         f"{cfg.storage_path}/{cfg.name}",
         flush=True,
     )
     t0 = time.perf_counter()
-    data_ref = ray.put(dataset_payload(ds))
     try:
-        result = build_trainer(cfg, data_ref).fit()
+        result = build_trainer(cfg, data).fit()
     except ray.train.TrainingFailedError as e:
         raise RunError(
             f"training failed: {e}\nThe run's checkpoints are kept: continue it with "
             f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`"
         ) from None
     train_time = time.perf_counter() - t0
+    if (result.metrics or {}).get("data_error"):
+        raise DataError(result.metrics["data_error"])
     if not result.best_checkpoints:
         raise RunError("training produced no checkpoint")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
     with best_ckpt.as_directory() as d:
-        test_acc, test_loss = test_accuracy(d, ds)
+        test_acc, test_loss, test_count = test_accuracy(d, test_batches(data, ds))
     with result.checkpoint.as_directory() as d:  # the newest checkpoint holds the full history
-        history = read_checkpoint_meta(d)["history"]
+        newest = read_checkpoint_meta(d)
+    history = newest["history"]
     summary = {
         "name": cfg.name,
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "test_images": test_count,
         "val_acc": best_metrics["val_acc"],
         "best_epoch": best_metrics["epoch"],
         "epochs": history[-1]["epoch"],
         "checkpoint": best_ckpt.path,
         "images_per_s": float(np.median([h["images_per_s"] for h in history])),
         "train_time_s": train_time,
+        "data_mode": data.mode,
+        "bad_images": newest.get("bad_images", []),
         "config": cfg.to_dict(),
-        "classes": ds.classes,
+        "classes": list(data.info["classes"]),
         "history": [{k: h[k] for k in HISTORY_KEYS} for h in history],
     }
     if "://" not in cfg.storage_path:
         plot_curves(history, run_dir / "curves.png", cfg.name)
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    tested = f"test_acc {test_acc:.4f}" if test_acc is not None else "no test split"
     print(
-        f"[raycls] done: test_acc {test_acc:.4f} (best val_acc {summary['val_acc']:.4f} at epoch "
+        f"[raycls] done: {tested} (best val_acc {summary['val_acc']:.4f} at epoch "
         f"{summary['best_epoch']}), {train_time:.1f}s; best checkpoint {summary['checkpoint']}",
         flush=True,
     )
@@ -496,7 +633,13 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- the command
 
 FLAG_HELP = {
-    "dataset": "digits | mnist | fashion-mnist | cifar10 | imagefolder:PATH | parquet:PATH",
+    "dataset": "digits | mnist | fashion-mnist | cifar10 | imagefolder:PATH | parquet:PATH "
+    "(a file, folder, glob or s3:// / gs:// URI)",
+    "data_mode": "auto | memory | stream: stream decodes with Ray Data on the fly (any size), "
+    "memory decodes once into the object store; auto streams imagefolder/parquet only",
+    "max_bad_images": "undecodable images skipped (and named) before the run stops",
+    "aug_crop_scale": "streaming: smallest image-area share a random training crop keeps "
+    "(1 = whole image)",
     "aug_policy_file": "a PBA schedule JSON (from a search) to train with; overrides --aug-policy",
     "resume_from": "start from this checkpoint directory (weights, optimizer, epoch)",
     "max_failures": "worker-group restarts allowed (Ray Train FailureConfig)",
@@ -555,16 +698,27 @@ def local_ray_options() -> dict[str, Any]:
     return {"dashboard_port": port, "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": url}}}
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, min_cpus: int = 0) -> None:
     """Join `address` (else $RAY_ADDRESS; "auto" = the cluster this node belongs to), else start
     a private local Ray: a bare `ray.init()` would silently join whatever cluster someone else
-    started on this machine."""
+    started on this machine. A local Ray gets at least `min_cpus` logical CPUs: streaming runs
+    need one for Ray Data's decode tasks beside the training workers, even on a 2-core laptop
+    (where they then share the cores, as any data loader does)."""
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         extra = local_ray_options() if address == "local" else {}
+        if address == "local" and min_cpus > (os.cpu_count() or 1):
+            extra["num_cpus"] = min_cpus
         ray.init(address=address, configure_logging=False, **extra)
+
+
+def stream_cpus(cfg: TrainConfig) -> int:
+    """CPUs a run needs: its workers', plus one for Ray Data when it streams."""
+    from raycls.ingest import resolve_mode
+
+    return cfg.num_workers * cfg.cpus_per_worker + (resolve_mode(cfg) == "stream")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -580,7 +734,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        init_ray(args.address)
+        init_ray(args.address, min_cpus=stream_cpus(cfg))
         summary = run_training(cfg, resume=args.resume)
     except (RunError, DataError, CheckpointError, ConfigError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

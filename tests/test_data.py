@@ -156,10 +156,12 @@ def test_imagefolder_through_ray_data(ray_session, tmp_path):
     assert ds.classes == ["cat", "dog"]
     assert ds.train.images.shape[1:] == (3, 16, 16) and ds.train.images.dtype == torch.uint8
     assert len(ds.train) + len(ds.val) + len(ds.test) == 12
-    # bad data: an unreadable image and an empty class are named
+    # bad data: an unreadable image is skipped and named, past the limit it stops the load
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(DataError, match="broken.png: unreadable image"):
-        load_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16)
+    again = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16)
+    assert len(again.train) + len(again.val) + len(again.test) == 12
+    with pytest.raises(DataError, match=r"broken.png: image data is truncated.*--max-bad-images"):
+        load_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16, max_bad_images=0)
     (tmp_path / "imgs" / "bird").mkdir()
     with pytest.raises(DataError, match="bird has no images"):
         load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
