@@ -1,7 +1,7 @@
 """The benchmark suite's one entry point: runs each comparison in its own process, then writes
 `bench/results/<name>.json` (by each script) and the combined table `bench/RESULTS.md`.
 
-    python bench/run.py --quick                    # all six, under 10 minutes on 2 idle cores
+    python bench/run.py --quick                    # all seven, ~15 minutes on 2 idle cores
     python bench/run.py --only serving             # one (or a comma list); the table keeps the rest
     python bench/run.py                            # full budgets (time_to_accuracy reaches targets)
     python bench/run.py --gpu --only time_to_accuracy,scaling
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-BENCHMARKS = ("train_overhead", "scaling", "time_to_accuracy", "inference", "serving", "search")
+BENCHMARKS = ("train_overhead", "scaling", "time_to_accuracy", "inference", "serving", "search",
+              "ingest")  # fmt: skip
 TIMEOUT_S = {"tiny": 600, "quick": 400, "full": 3600}
 PLOTS = {"serving": "serving_throughput.png", "time_to_accuracy": "training_accuracy.png"}
 

@@ -118,6 +118,22 @@ def test_search_benchmark(tmp_path):
     assert all(0 <= r["best_val_acc"] <= 1 and r["epochs_used"] >= 1 for r in got.values())
 
 
+def test_ingest_benchmark(tmp_path):
+    result = run_bench("ingest", tmp_path)
+    names = figures(result)
+    assert any(n.startswith("streaming images/s into a no-op step") for n in names)
+    assert any(n.startswith("streaming images/s into a resnet_small training step") for n in names)
+    assert any(n.startswith("streaming time to first batch") for n in names)
+    growth = [r for r in result["rows"] if r["figure"].startswith("streaming peak RSS")]
+    assert {"driver", "train worker"} <= {r["figure"].split(", ")[1] for r in growth}
+    for r in growth:
+        assert r["value"] > 0 and r["reference_value"] > 0 and r["target"] == 1.2
+    for side in ("stream", "torch"):
+        runs = result["details"]["runs"]["small"][side]
+        assert {e["step"] for e in runs[0]["epochs"]} == {"noop", "train"}
+        assert all(e["images"] > 0 for e in runs[0]["epochs"])
+
+
 def test_loadgen_against_plain_server(tmp_path):
     """The load generator over real HTTP to the real plain server (FastAPI + onnxruntime)."""
     sys.path.insert(0, str(BENCH))
