@@ -37,6 +37,7 @@ SETTINGS = {
 
 def train_and_score(ds, cfg: TrainConfig) -> dict[str, Any]:
     """Train, then the test accuracy of every epoch's checkpoint against the training clock."""
+    from raycls.ingest import test_batches
     from raycls.models import read_checkpoint_meta
     from raycls.train import run_training, test_accuracy
 
@@ -51,7 +52,7 @@ def train_and_score(ds, cfg: TrainConfig) -> dict[str, Any]:
             if not (ckpt / "meta.json").is_file():  # Ray's own checkpoint_manager_snapshot.json
                 continue
             epoch = read_checkpoint_meta(ckpt)["epoch"] + 1
-            test_acc[epoch] = test_accuracy(str(ckpt), ds)[0]
+            test_acc[epoch] = test_accuracy(str(ckpt), test_batches(None, ds))[0]
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     clock, curve = 0.0, []

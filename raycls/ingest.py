@@ -117,15 +117,13 @@ def array_datasets(ds: Dataset) -> dict[str, Any]:
 
 def test_batches(data: RunData, ds: Dataset | None, limit: int = MAX_EVAL_IMAGES,
                  batch_size: int = 512) -> Iterator[tuple[Any, Any, Any]]:
-    """(uint8 images, labels, valid) batches of at most `limit` test images, in this process:
-    from memory, or decoded chunk by chunk (validation rule) from the files."""
+    """(uint8 images, labels, valid) batches of the test split, in this process: all of it from
+    memory, or at most `limit` images decoded chunk by chunk (validation rule) from the files."""
     import torch
 
     if ds is not None:
-        n = min(limit, len(ds.test))
-        for i in range(0, n, batch_size):
-            j = min(n, i + batch_size)
-            yield ds.test.images[i:j], ds.test.labels[i:j], None
+        for i in range(0, len(ds.test), batch_size):
+            yield ds.test.images[i : i + batch_size], ds.test.labels[i : i + batch_size], None
         return
     split = data.source.splits.get("test") if data.source is not None else None
     if split is None:

@@ -77,7 +77,7 @@ def test_preset_errors_name_the_problem(tmp_path):
 def test_policies_are_checked_against_the_dataset():
     from raycls.data import load_dataset
 
-    ds = load_dataset("digits")
+    ds = load_dataset("digits").describe()
     ok = SearchSettings(space={"aug_policy": ["default", "crop1-cutout2", "pba:"]})
     check_policies(ok, ds)
     with pytest.raises(ConfigError, match="'crop1-flip' does not suit digits.*flip is disabled"):
@@ -105,6 +105,9 @@ def test_concurrency_comes_from_the_cluster():
     assert derive_concurrency(SearchSettings(max_concurrent_trials=3), {"CPU": 1.0}) == 3
     with pytest.raises(Exception, match="lower --workers-per-trial"):
         derive_concurrency(SearchSettings(workers_per_trial=4), {"CPU": 2.0})
+    # streaming trials leave a quarter of the CPUs (at least one) to Ray Data's decode tasks
+    assert derive_concurrency(SearchSettings(), {"CPU": 4.0}, streaming=True) == 3
+    assert derive_concurrency(SearchSettings(), {"CPU": 16.0}, streaming=True) == 12
 
 
 def test_train_run_names_are_trial_stable():
@@ -178,6 +181,22 @@ def test_tiny_search_end_to_end(ray_session, tmp_path):
     assert bundle.meta["parity"]["top1_agreement"] >= 0.999
     assert abs(bundle.meta["metrics"]["onnx_test_acc"] - summary["best"]["test_acc"]) < 0.01
     assert summary["bundle"] == str(tmp_path / "models" / "tiny")
+
+
+@pytest.mark.ray
+def test_search_streams_an_image_folder(ray_session, stream_tree, tmp_path):
+    """Trials stream their data through Ray Data and the winner exports from the folder."""
+    from raycls.bundle import load_bundle
+    from raycls.search import run_search
+
+    settings = tiny(tmp_path, dataset=f"imagefolder:{stream_tree['root']}", max_epochs=1,
+                    base={"max_failures": 0, "batch_size": 16, "image_size": 16},
+                    space={"lr": [0.05, 0.1]})
+    summary = run_search(settings)
+    assert summary["errors"] == [] and summary["num_trials"] == 2
+    assert summary["best"]["test_acc"] is not None
+    bundle = load_bundle(tmp_path / "models" / "tiny")
+    assert bundle.meta["input"]["resize"] == "center-crop" and bundle.height == 16
 
 
 @pytest.mark.ray

@@ -153,7 +153,8 @@ def _single_process_val_acc(run: dict) -> tuple[float, float]:
     from raycls.train import evaluate_batches
 
     result = run["result"]
-    newest = max(run["run_dir"].glob("checkpoint_*"), key=lambda p: p.name)
+    newest = max((p for p in run["run_dir"].glob("checkpoint_*") if (p / "meta.json").is_file()),
+                 key=lambda p: p.name)
     meta = read_checkpoint_meta(newest)
     model, _ = model_from_checkpoint(newest)
     src = open_source(result["config"]["dataset"])
