@@ -176,7 +176,7 @@ def test_cli_export_writes_a_bundle_that_loads(checkpoint: Path, tmp_path: Path,
     assert meta["classes"] == [str(i) for i in range(10)]
     assert meta["input"] == {
         "channels": 1, "height": 8, "width": 8, "dtype": "uint8", "layout": "NCHW",
-        "resize": "bilinear",
+        "resize": "stretch",
     }  # fmt: skip
     assert meta["parity"]["num_images"] >= 1000
     assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime", "ray", "raycls"}
