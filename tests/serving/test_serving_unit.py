@@ -266,7 +266,7 @@ class _Recorder:
     def __init__(self):
         self.calls: list[tuple[bytes, int | None]] = []
 
-    async def classify_request(self, request, top_k):
+    async def classify_request(self, request, top_k, name=None):
         from starlette.responses import JSONResponse
 
         body = await request.body()
