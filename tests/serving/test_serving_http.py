@@ -341,7 +341,7 @@ def test_hot_swap_drops_no_request(client, bundles, serve_stack, good_png):
                 seen.append((r.status_code, r.json().get("model", r.text[:200])))
 
     def swap_to(which: str, name: str) -> None:
-        cfg = serve_config(bundles["a"]["path"], serve_stack["port"])  # same args: same code
+        cfg = serve_config(bundles["a"]["path"], serve_stack["port"], bundles)  # same args
         holder = "Classifier" if serve_stack["layout"] == "split" else "Ingress"
         for d in cfg["applications"][0]["deployments"]:
             if d["name"] == holder:
