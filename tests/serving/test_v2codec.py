@@ -47,8 +47,9 @@ def test_json_and_bytes_inputs():
     assert req.inputs[0].data.tolist() == data and req.outputs is None
     blobs = [b"\x89PNG-a", b"", b"jpeg..."]
     wire = v2codec.serialize_bytes(blobs)
-    body, n = binary_request({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [3],
-                                          "parameters": {"binary_data_size": len(wire)}}]}, wire)  # fmt: skip
+    t = {"name": "image_bytes", "datatype": "BYTES", "shape": [3],
+         "parameters": {"binary_data_size": len(wire)}}  # fmt: skip
+    body, n = binary_request({"inputs": [t]}, wire)
     assert parse_infer_request(body, n).inputs[0].data == blobs
     raw = parse_infer_request(b"\x89PNG...", "0")
     assert raw.raw and raw.inputs[0].data == [b"\x89PNG..."] and raw.inputs[0].shape == (1,)
@@ -82,8 +83,8 @@ GOOD = {"name": "images", "datatype": "UINT8", "shape": [1, 1, 2, 2]}
          "unknown datatype"),
         (json.dumps({"inputs": [{**GOOD, "shape": [1, -2], "data": [1]}]}).encode(), None,
          "non-negative"),
-        (json.dumps({"inputs": [{**GOOD, "data": [1, 2, 3, 4]}],
-                     "outputs": [{"name": "logits", "parameters": {"classification": 0}}]}).encode(),
+        (json.dumps({"inputs": [{**GOOD, "data": [1, 2, 3, 4]}], "outputs": [
+            {"name": "logits", "parameters": {"classification": 0}}]}).encode(),
          None, "classification must be"),
         (b"[" * 100_000 + b"]" * 100_000, None, "JSON"),
     ],
