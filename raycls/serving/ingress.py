@@ -145,7 +145,9 @@ class Ingress(ModelReplica):
     async def classify_request(self, request: Any, top_k: int | None, name: str | None) -> Any:
         """POST /v1/[models/NAME/]classify after routing: one path for FastAPI and fast path."""
         spec = await self.spec_for(name)
-        k = spec["top_k"] if top_k is None else top_k
+        # the server's default is capped by the model's classes (a 2-class model beside a
+        # 1000-class one); an explicit ?top_k= out of range is the client's mistake
+        k = min(spec["top_k"], spec["num_classes"]) if top_k is None else top_k
         if not 1 <= k <= spec["num_classes"]:
             raise ApiError(
                 422, "invalid_parameter",

@@ -24,8 +24,9 @@ def keyed(url: str, bundles: dict[str, Any]):
         yield c
 
 
-def classify(c: httpx.Client, data: bytes, path: str = "/v1/classify", **kw: Any):
-    return c.post(path, content=data, headers={"content-type": "image/png"}, **kw)
+def classify(c: httpx.Client, data: bytes, path: str = "/v1/classify", headers=None, **kw: Any):
+    return c.post(path, content=data, headers={"content-type": "image/png", **(headers or {})},
+                  **kw)  # fmt: skip
 
 
 def test_api_keys(url, bundles, keyed):
@@ -35,8 +36,7 @@ def test_api_keys(url, bundles, keyed):
             r = classify(anon, png, path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
             assert r.headers["www-authenticate"].startswith("Bearer")
-            wrong = classify(anon, png, path, headers={"content-type": "image/png",
-                                                       "authorization": "Bearer " + "x" * 32})
+            wrong = classify(anon, png, path, headers={"authorization": "Bearer " + "x" * 32})
             assert wrong.status_code == 401, wrong.text
         v2 = anon.get("/v2/models/digits")
         assert v2.status_code == 401 and isinstance(v2.json()["error"], str)
@@ -47,8 +47,7 @@ def test_api_keys(url, bundles, keyed):
                      "/v2/models/digits/ready", "/"):
             assert anon.get(path).status_code == 200, path
     for key in bundles["keys"]:  # every key in the file works
-        r = classify(keyed, png, headers={"content-type": "image/png",
-                                          "authorization": f"Bearer {key}"})
+        r = classify(keyed, png, headers={"authorization": f"Bearer {key}"})
         assert r.status_code == 200, r.text
     # the main app has no keys: open
     assert classify(httpx.Client(base_url=url, timeout=60), png).status_code == 200

@@ -263,7 +263,7 @@ def test_bad_multipart(client, good_png):
 
 
 def test_unknown_route_is_json_404(client):
-    assert_error(client.get("/v2/nothing"), 404, "not_found")
+    assert_error(client.get("/v3/nothing"), 404, "not_found")  # /v2 is the V2 API's own
     assert_error(client.get("/v1/classify"), 405)
 
 
