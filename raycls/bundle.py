@@ -122,25 +122,39 @@ def _to_uint8_mode(im: Image.Image, channels: int) -> Image.Image:
     return im
 
 
-def decode_image(
+RESIZE_RULES = ("stretch", "center-crop")
+_RESIZE_ALIASES = {"bilinear": "stretch"}  # bundles of format 1 before the crop rule existed
+
+
+def resize_rule(name: str) -> str:
+    """The canonical name of a resize rule ("stretch" or "center-crop"); ValueError otherwise."""
+    rule = _RESIZE_ALIASES.get(name, name)
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"resize rule {name!r}: use one of {', '.join(RESIZE_RULES)}")
+    return rule
+
+
+def open_image(
     data: bytes,
     channels: int,
-    height: int,
-    width: int,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] = ALLOWED_FORMATS,
-) -> np.ndarray:
-    """Encoded image bytes -> uint8 (C, H, W), resized with Pillow BILINEAR to (height, width).
+    draft: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Encoded image bytes -> a decoded 'L' or 'RGB' Pillow image: the one way bytes become
+    pixels in raycls (training ingestion, export, predict, evaluate and serving all come here).
 
-    Shared by `raycls predict`, `raycls evaluate` and serving, so a served answer equals a local
-    one. The pixel count is checked before any pixel is decoded; only the first frame is used.
+    The pixel count is checked before any pixel is decoded; only the first frame is used; alpha
+    is composited onto black, 16-bit images are scaled, palette/CMYK/grey converted. `draft`
+    (width, height) lets a JPEG decode at a reduced scale that still covers that size (Pillow's
+    `draft`, DCT scaling: a 4000x3000 photo decodes about 8x faster for a 224 px crop).
     Raises ImageError (status 400/413/415) for anything a client could have sent wrong.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: must be 1 (greyscale) or 3 (RGB)")
     if not data:
-        raise ImageError("empty body: no image bytes were sent", 400, "empty_image")
+        raise ImageError("empty image: no bytes", 400, "empty_image")
     formats = tuple(f.upper() for f in formats)
     try:
         with warnings.catch_warnings():
@@ -180,6 +194,8 @@ def decode_image(
             )
         try:
             im.seek(0)  # first frame of GIF / multi-page TIFF
+            if draft is not None and im.format == "JPEG":
+                im.draft(None, draft)  # scale only: the mode conversion stays ours
             im.load()
         except OSError as e:
             raise ImageError(
@@ -188,19 +204,76 @@ def decode_image(
         except Exception as e:  # plugins raise SyntaxError/ValueError/struct.error on bad data
             raise ImageError(f"image data cannot be decoded ({e})", 400, "not_an_image") from None
         try:
-            frame = _to_uint8_mode(im, channels)
+            return _to_uint8_mode(im, channels)
         except ImageError:
             raise
         except Exception as e:
             raise ImageError(f"image cannot be converted ({e})", 400, "not_an_image") from None
-    if frame.size != (width, height):
-        frame = frame.resize((width, height), Image.Resampling.BILINEAR)
-    arr = np.asarray(frame, dtype=np.uint8)  # (H, W) or (H, W, 3)
-    if arr.ndim == 2:
-        arr = arr[None]
+
+
+def center_box(size: tuple[int, int], height: int, width: int) -> tuple[float, float, float, float]:
+    """The largest centred box of the target's aspect ratio inside an image of `size` (w, h)."""
+    w, h = size
+    if w * height > h * width:  # wider than the target: trim the sides
+        bw, bh = h * width / height, h
     else:
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)
+        bw, bh = w, w * height / width
+    left, top = (w - bw) / 2, (h - bh) / 2
+    return (left, top, left + bw, top + bh)
+
+
+def to_array(frame: Image.Image) -> np.ndarray:
+    """'L' or 'RGB' Pillow image -> uint8 (C, H, W)."""
+    arr = np.asarray(frame, dtype=np.uint8)  # (H, W) or (H, W, 3)
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+
+
+def resize_image(
+    frame: Image.Image, height: int, width: int, rule: str = "stretch",
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """Resize a decoded frame to uint8 (C, height, width) with Pillow BILINEAR.
+
+    "stretch": the whole image to the target size (aspect ratio not kept; what the built-in
+    datasets' bundles use). "center-crop": the largest centred box of the target's aspect ratio,
+    resized (validation, test and serving for imagefolder/parquet datasets). `box` overrides the
+    rule with an explicit source box (the training crops of `raycls.stream`).
+    """
+    rule = resize_rule(rule)
+    if box is None and rule == "center-crop":
+        box = center_box(frame.size, height, width)
+    full = (0.0, 0.0, float(frame.size[0]), float(frame.size[1]))
+    if frame.size != (width, height) or (box is not None and tuple(box) != full):
+        frame = frame.resize((width, height), Image.Resampling.BILINEAR, box=box)
+    return to_array(frame)
+
+
+def draft_size(height: int, width: int, zoom: float = 1.0) -> tuple[int, int]:
+    """The (width, height) a JPEG must at least decode to so that crops `zoom` times smaller
+    than the image still have the target's resolution (see open_image's `draft`). Either rule's
+    box spans the whole image in at least one dimension, so zoom 1 keeps the target's detail."""
+    return (max(1, round(width * zoom)), max(1, round(height * zoom)))
+
+
+def decode_image(
+    data: bytes,
+    channels: int,
+    height: int,
+    width: int,
+    *,
+    resize: str = "stretch",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] = ALLOWED_FORMATS,
+) -> np.ndarray:
+    """Encoded image bytes -> uint8 (C, H, W) by `open_image` then `resize_image(rule=resize)`.
+
+    Shared by training ingestion, export, `raycls predict`, `raycls evaluate` and serving, so a
+    served answer equals a local one and the model is served the pixels it was validated on.
+    """
+    rule = resize_rule(resize)
+    frame = open_image(data, channels, max_pixels=max_pixels, formats=formats,
+                       draft=draft_size(height, width))
+    return resize_image(frame, height, width, rule)
 
 
 # ----------------------------------------------------------------------------- bundle
@@ -245,9 +318,16 @@ class Bundle:
     def input_name(self) -> str:
         return INPUT_NAME
 
+    @property
+    def resize(self) -> str:
+        """How images are fitted to the input size: the validation rule of training."""
+        return resize_rule(str(self.meta["input"].get("resize", "stretch")))
+
     def decode(self, data: bytes, **kwargs: Any) -> np.ndarray:
         """Encoded image bytes -> uint8 (C, H, W) sized for this bundle (see decode_image)."""
-        return decode_image(data, self.channels, self.height, self.width, **kwargs)
+        return decode_image(
+            data, self.channels, self.height, self.width, resize=self.resize, **kwargs
+        )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) -> float32 logits (N, K)."""
@@ -316,6 +396,10 @@ def read_bundle_meta(path: str | Path) -> dict[str, Any]:
     for key in ("channels", "height", "width"):
         if not isinstance(inp.get(key), int) or inp[key] < 1:
             raise BundleError(f"{meta_path}: input.{key} must be a positive integer")
+    try:
+        resize_rule(str(inp.get("resize", "stretch")))
+    except ValueError as e:
+        raise BundleError(f"{meta_path}: input.resize: {e}") from None
     if inp.get("dtype", "uint8") != "uint8":
         raise BundleError(f"{meta_path}: input.dtype {inp.get('dtype')!r} unsupported (uint8)")
     if not isinstance(meta["classes"], list) or not meta["classes"]:

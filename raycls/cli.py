@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("raycls.export", "export a checkpoint to a verified ONNX bundle"),
     "predict": ("raycls.predict", "classify image files with a bundle (onnxruntime, CPU)"),
     "evaluate": ("raycls.evaluate", "test-split accuracy and reports of a bundle"),
+    "data": ("raycls.datatools", "convert image folders to sharded Parquet; inspect a dataset"),
     "validate": ("raycls.validate", "validate cluster, Serve and KubeRay configs offline"),
 }
 

@@ -1,0 +1,517 @@
+"""Where a dataset's encoded images come from: layouts, classes and splits, never pixels.
+
+`open_source("imagefolder:PATH" | "parquet:PATH")` lists a dataset and returns an `ImageSource`:
+its classes, its channels, and one `SplitSource` per split, each able to yield rows of
+(encoded bytes, label, id, path) in this process (`iter_rows`, no Ray) or as a lazy Ray Dataset
+(`to_ray`, for streaming). Decoding is `raycls.bundle`'s job and batching is `raycls.stream`'s.
+
+Layouts:
+- `imagefolder:PATH` with `train/` (and `val/` and/or `test/`), each a folder per class, as in
+  torchvision: those folders are the splits. Without `val/`, a seeded share of `train/` is the
+  validation split; without `test/`, there is no test split (none is invented). Class names are
+  `train/`'s folders, sorted; a class in val/test that train lacks is an error.
+- `imagefolder:PATH` with a folder per class directly: seeded shares (20% test, a fixed seed of
+  its own so `--seed` never leaks test images; then `val_fraction` of the rest, by `seed`).
+- `parquet:PATH`, PATH a file, a folder, a glob or an `s3://` / `gs://` URI: columns `image`
+  (encoded bytes) and `label` (int or class-name string); the split from a `split` column
+  (train/val/test), else from `train/` `val/` `test/` sub-folders, else seeded shares by a hash
+  of each image's bytes (20% test, then `val_fraction`). Class names come from the schema
+  metadata key `raycls.classes` (what `raycls data convert` writes), else the label values.
+
+Every row has an `id`: a 63-bit hash of the file's path relative to the dataset root (image
+files) or of the image bytes (Parquet), so tests and logs can tell images apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CLASSES_METADATA_KEY = b"raycls.classes"
+TEST_FRACTION = 0.2  # flat layouts: share held out as the test split
+TEST_SEED = 12345  # its own seed: changing --seed never moves a test image into training
+GREY_MODES = ("1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class SourceError(ValueError):
+    """A dataset cannot be listed as asked; the message names the path and the fix."""
+
+
+def row_id(key: bytes) -> int:
+    """A stable 63-bit id (fits int64) for a row: blake2b of its path or its bytes."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+def _share(key: bytes, salt: int) -> float:
+    """A uniform number in [0, 1) fixed by (key, salt): assigns rows to splits without listing."""
+    digest = hashlib.blake2b(key, digest_size=8, salt=salt.to_bytes(8, "big", signed=False))
+    return int.from_bytes(digest.digest(), "big") / 2**64
+
+
+@dataclass
+class SplitSource:
+    """One split: either image files with their labels, or Parquet files with a row filter."""
+
+    name: str  # "train" | "val" | "test"
+    kind: str  # "files" | "parquet"
+    root: str  # files: ids are paths relative to it; parquet: the dataset's location
+    paths: list[str]  # image files, or Parquet files
+    labels: list[int] = field(default_factory=list)  # files: one per path
+    classes: list[str] = field(default_factory=list)
+    # parquet: which rows of `paths` belong here
+    split_value: str = ""  # keep rows whose `split` column equals this ("" = no split column)
+    shares: tuple[tuple[int, float, float], ...] = ()  # and (salt, lo, hi): lo <= share < hi
+    num_rows: int = 0  # parquet: rows in this split (estimated for hash shares)
+    filesystem: Any = None  # pyarrow filesystem for parquet paths (None = local)
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.kind == "files" else self.num_rows
+
+    def count(self) -> int:
+        return len(self)
+
+    # ------------------------------------------------------------------ in this process
+
+    def iter_rows(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Rows {"image": bytes, "label": int, "id": int, "path": str}, in listing order."""
+        n = 0
+        for row in self._iter_all():
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield row
+
+    def _iter_all(self) -> Iterator[dict[str, Any]]:
+        if self.kind == "files":
+            for path, label in zip(self.paths, self.labels, strict=True):
+                try:
+                    data = Path(path).read_bytes()
+                except OSError as e:
+                    data = b""  # reported by the decoder as an empty image, named by path
+                    path = f"{path} ({e.strerror or e})"
+                yield {"image": data, "label": label, "path": path,
+                       "id": row_id(os.path.relpath(path, self.root).encode())}
+            return
+        import pyarrow.parquet as pq
+
+        index = {c: i for i, c in enumerate(self.classes)}
+        for path in self.paths:
+            f = pq.ParquetFile(path, filesystem=self.filesystem)
+            columns = ["image", "label"] + (["split"] if self.split_value else [])
+            for batch in f.iter_batches(batch_size=256, columns=columns):
+                rows = parquet_rows(batch.to_pydict(), self, index, path)
+                yield from (dict(zip(rows, values, strict=True)) for values in
+                            zip(*rows.values(), strict=True))
+
+    # ------------------------------------------------------------------ Ray Data
+
+    def to_ray(self, shuffle_seed: int | None = None):
+        """A lazy Ray Dataset of rows image (binary), label (int64), id (int64), path (str).
+
+        `shuffle_seed` shuffles the file order, differently on every execution (epoch): the
+        cheapest shuffle there is (metadata only); `raycls.stream` adds a local buffer on top.
+        """
+        import ray.data
+        from ray.data import FileShuffleConfig
+
+        shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed)
+        if self.kind == "files":
+            ds = ray.data.read_binary_files(
+                self.paths, include_paths=True, shuffle=shuffle,
+                override_num_blocks=max(1, min(len(self.paths) // 64, 512)),
+            )
+            roots = {os.path.normpath(p).lstrip("/"): label
+                     for p, label in zip(self.paths, self.labels, strict=True)}
+            return ds.map_batches(
+                _label_files, fn_kwargs={"labels": roots, "root": self.root},
+                batch_format="pyarrow", zero_copy_batch=True,
+            )
+        columns = ["image", "label"] + (["split"] if self.split_value else [])
+        ds = ray.data.read_parquet(
+            self.paths, filesystem=self.filesystem, shuffle=shuffle, include_paths=True,
+        ).select_columns([*columns, "path"])
+        return ds.map_batches(
+            _parquet_batch, fn_kwargs={"split": self, "classes": self.classes},
+            batch_format="pyarrow", zero_copy_batch=True,
+        )
+
+
+def _label_files(batch, labels: dict[str, int], root: str):
+    """Ray Data: (bytes, path) of image files -> rows with label and id (labels by path)."""
+    import pyarrow as pa
+
+    paths = [os.path.normpath(p).lstrip("/") for p in batch.column("path").to_pylist()]
+    rel_root = os.path.normpath(root).lstrip("/")
+    return pa.table({
+        "image": batch.column("bytes"),
+        "label": pa.array([labels[p] for p in paths], pa.int64()),
+        "id": pa.array([row_id(os.path.relpath(p, rel_root).encode()) for p in paths],
+                       pa.int64()),
+        "path": pa.array(["/" + p if not os.path.exists(p) else p for p in paths]),
+    })
+
+
+def parquet_rows(columns: dict[str, list], split: SplitSource, index: dict[str, int],
+                 path: str | None = None) -> dict[str, list]:
+    """Keep the rows of one split and map labels to class indices (Python lists in and out)."""
+    images, labels = columns["image"], columns["label"]
+    paths = columns.get("path") or [path or split.root] * len(images)
+    keep = range(len(images))
+    if split.split_value:
+        keep = [i for i in keep if columns["split"][i] == split.split_value]
+    for salt, lo, hi in split.shares:
+        keep = [i for i in keep if lo <= _share(images[i] or b"", salt) < hi]
+    out: dict[str, list] = {"image": [], "label": [], "id": [], "path": []}
+    for i in keep:
+        out["image"].append(images[i])
+        out["label"].append(label_index(labels[i], index))
+        out["id"].append(row_id(images[i] or b""))
+        out["path"].append(f"{paths[i]} (label {labels[i]})")
+    return out
+
+
+def label_index(value: Any, index: dict[str, int]) -> int:
+    key = str(value)
+    if key not in index:
+        raise SourceError(f"label {value!r} is not one of the classes {list(index)}")
+    return index[key]
+
+
+def _parquet_batch(batch, split: SplitSource, classes: list[str]):
+    import pyarrow as pa
+
+    rows = parquet_rows(batch.to_pydict(), split, {c: i for i, c in enumerate(classes)})
+    return pa.table({
+        "image": pa.array(rows["image"], pa.binary()),
+        "label": pa.array(rows["label"], pa.int64()),
+        "id": pa.array(rows["id"], pa.int64()),
+        "path": pa.array(rows["path"], pa.string()),
+    })
+
+
+@dataclass
+class ImageSource:
+    name: str  # "imagefolder:/abs/path" | "parquet:..."
+    root: str
+    layout: str  # "splits" | "flat" | "parquet, <how the splits are found>"
+    classes: list[str]
+    channels: int  # 1 (every sampled image is grey) or 3
+    splits: dict[str, SplitSource]
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{len(s)} {n}" for n, s in self.splits.items())
+        return f"{self.name} ({self.layout}, {len(self.classes)} classes: {counts})"
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+
+def _list_images(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    for name in SPLIT_FOLDERS[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _files_of(folder: Path, classes: list[str], split: str, where: Path) -> tuple[list, list]:
+    present = _class_folders(folder)
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise SourceError(
+            f"imagefolder: {folder} has class folder(s) {unknown} that {where}/train lacks; "
+            f"every {split} class must also be a training class ({', '.join(classes)})"
+        )
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        if not (folder / c).is_dir():
+            continue
+        found = _list_images(folder / c)
+        if not found and split == "train":
+            raise SourceError(
+                f"imagefolder: class folder {folder / c} has no images "
+                f"({', '.join(IMAGE_SUFFIXES)})"
+            )
+        files += found
+        labels += [i] * len(found)
+    if not files:
+        raise SourceError(f"imagefolder: {folder} holds no images in class folders")
+    return files, labels
+
+
+def _seeded_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out indices, kept indices) of n rows, at least one held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * fraction)))
+    return np.sort(order[:k]), np.sort(order[k:])
+
+
+def _take(files: list[str], labels: list[int], idx: np.ndarray) -> tuple[list, list]:
+    return [files[i] for i in idx], [labels[i] for i in idx]
+
+
+def open_imagefolder(path: str, val_fraction: float, seed: int) -> ImageSource:
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise SourceError(
+            f"imagefolder: {path} is not a directory (expected a folder per class, or train/ "
+            "val/ test/ folders each holding a folder per class)"
+        )
+    train_dir = _split_folder(root, "train")
+    files: dict[str, tuple[list, list]] = {}
+    if train_dir is not None:
+        layout = "splits"
+        allowed = {n for names in SPLIT_FOLDERS.values() for n in names}
+        others = sorted(set(_class_folders(root)) - allowed)
+        if others:
+            raise SourceError(
+                f"imagefolder: {root} mixes split folders (train/) with other folders {others}; "
+                "use either a folder per class, or train/ val/ test/ each holding a folder per "
+                "class"
+            )
+        classes = _class_folders(train_dir)
+        files["train"] = _files_of(train_dir, classes, "train", root)
+        for split in ("val", "test"):
+            folder = _split_folder(root, split)
+            if folder is not None:
+                files[split] = _files_of(folder, classes, split, root)
+        if "val" not in files:  # a seeded share of train/ becomes val
+            held, kept = _seeded_split(len(files["train"][0]), val_fraction, seed)
+            files["val"] = _take(*files["train"], held)
+            files["train"] = _take(*files["train"], kept)
+    else:
+        layout = "flat"
+        classes = _class_folders(root)
+        all_files, all_labels = _files_of(root, classes, "train", root)
+        test, rest = _seeded_split(len(all_files), TEST_FRACTION, TEST_SEED)
+        files["test"] = _take(all_files, all_labels, test)
+        rest_files, rest_labels = _take(all_files, all_labels, rest)
+        val, train = _seeded_split(len(rest_files), val_fraction, seed)
+        files["train"] = _take(rest_files, rest_labels, train)
+        files["val"] = _take(rest_files, rest_labels, val)
+    if len(classes) < 2:
+        raise SourceError(
+            f"imagefolder: {train_dir or root} needs at least 2 class folders, found {classes}"
+        )
+    splits = {
+        name: SplitSource(name, "files", str(root), *files[name], classes=classes)
+        for name in SPLITS if name in files
+    }
+    channels = probe_channels(splits["train"].paths[:32])
+    return ImageSource(f"imagefolder:{root}", str(root), layout, classes, channels, splits)
+
+
+def probe_channels(files: list[str]) -> int:
+    """1 when every sampled image is greyscale, else 3 (headers only, no pixels decoded)."""
+    from PIL import Image
+
+    modes = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                modes.append(im.mode)
+        except (OSError, ValueError):
+            continue  # an unreadable file is reported when it is decoded
+    return 1 if modes and all(m in GREY_MODES for m in modes) else 3
+
+
+# ----------------------------------------------------------------------------- parquet
+
+
+def _filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or an object-store URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise SourceError(f"parquet: cannot open {path} ({e})") from None
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def _parquet_files(fs, path: str, original: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    if any(ch in path for ch in "*?["):
+        if isinstance(fs, pafs.LocalFileSystem):
+            found = sorted(glob.glob(path, recursive=True))
+        else:
+            base = path.split("*")[0].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            found = sorted(i.path for i in infos if fnmatch.fnmatch(i.path, path))
+        found = [f for f in found if f.endswith(".parquet")]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"parquet: {original} does not exist")
+        if info.type == pafs.FileType.File:
+            return [path]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        found = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                       and i.path.endswith(".parquet")
+                       and not any(part.startswith((".", "_")) for part in
+                                   i.path[len(path):].split("/")))
+    if not found:
+        raise SourceError(f"parquet: no .parquet files at {original}")
+    return found
+
+
+def open_parquet(path: str, val_fraction: float, seed: int) -> ImageSource:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, inner = _filesystem(path)
+    files = _parquet_files(fs, inner, path)
+    schema = pq.read_schema(files[0], filesystem=fs)
+    missing = {"image", "label"} - set(schema.names)
+    if missing:
+        raise SourceError(
+            f"parquet: {files[0]} lacks column(s) {sorted(missing)}; found {schema.names} "
+            "(expected `image` with encoded image bytes and `label`)"
+        )
+    meta = schema.metadata or {}
+    by_folder: dict[str, list[str]] = {}
+    if "://" not in path and Path(inner).is_dir():
+        for split in SPLITS:
+            folder = _split_folder(Path(inner), split)
+            if folder is not None:
+                by_folder[split] = [f for f in files if f.startswith(str(folder) + os.sep)]
+    has_split_column = "split" in schema.names and not by_folder
+
+    label_values, split_values = [], []
+    for f in files:  # label (and split) columns only: cheap, even on object storage
+        cols = ["label"] + (["split"] if has_split_column else [])
+        t = pq.read_table(f, columns=cols, filesystem=fs)
+        label_values.append(t.column("label"))
+        if has_split_column:
+            split_values.append(t.column("split"))
+    classes = _parquet_classes(meta, label_values, files[0])
+    common = {"kind": "parquet", "root": path, "classes": classes, "filesystem": fs}
+    splits: dict[str, SplitSource] = {}
+    if by_folder:
+        if "train" not in by_folder:
+            raise SourceError(f"parquet: {path} has split folders but no train/")
+        for split, split_files in by_folder.items():
+            rows = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in split_files)
+            splits[split] = SplitSource(split, paths=split_files, num_rows=rows, **common)
+        layout = "parquet, split folders"
+    elif has_split_column:
+        counts: dict[str, int] = {}
+        for column in split_values:
+            for v in pc.value_counts(column).to_pylist():
+                counts[v["values"]] = counts.get(v["values"], 0) + v["counts"]
+        unknown = sorted(str(v) for v in counts if v not in SPLITS)
+        if unknown:
+            raise SourceError(f"parquet: {path} has split values {unknown}; use train, val or test")
+        if not counts.get("train"):
+            raise SourceError(f"parquet: {path} has no rows with split == 'train'")
+        for split in SPLITS:
+            if counts.get(split):
+                splits[split] = SplitSource(split, paths=files, split_value=split,
+                                            num_rows=counts[split], **common)
+        layout = "parquet, split column"
+    else:  # seeded shares by hash: counts are estimates until the rows are read
+        total = sum(len(c) for c in label_values)
+        n_test = round(total * TEST_FRACTION)
+        splits["test"] = SplitSource("test", paths=files, num_rows=n_test,
+                                     shares=((TEST_SEED, 0.0, TEST_FRACTION),), **common)
+        splits["train"] = SplitSource("train", paths=files, num_rows=total - n_test,
+                                      shares=((TEST_SEED, TEST_FRACTION, 1.0),), **common)
+        layout = "parquet, seeded shares"
+    if "val" not in splits:  # a seeded share of train becomes val
+        train = splits["train"]
+        salt = TEST_SEED + 1 + seed
+        n_val = round(train.num_rows * val_fraction)
+        splits["val"] = dataclasses.replace(
+            train, name="val", num_rows=n_val, shares=(*train.shares, (salt, 0.0, val_fraction)))
+        splits["train"] = dataclasses.replace(
+            train, num_rows=train.num_rows - n_val,
+            shares=(*train.shares, (salt, val_fraction, 1.0)))
+    ordered = {s: splits[s] for s in SPLITS if s in splits}
+    channels = _probe_parquet_channels(ordered["train"])
+    return ImageSource(f"parquet:{path}", path, layout, classes, channels, ordered)
+
+
+def _parquet_classes(meta: dict, label_columns: list, first_file: str) -> list[str]:
+    if CLASSES_METADATA_KEY in meta:
+        try:
+            classes = json.loads(meta[CLASSES_METADATA_KEY])
+            if isinstance(classes, list) and classes:
+                return [str(c) for c in classes]
+        except ValueError:
+            pass
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = pa.chunked_array([c for col in label_columns for c in col.chunks])
+    if pa.types.is_integer(values.type):
+        lo, hi = pc.min(values).as_py(), pc.max(values).as_py()
+        if lo is None or lo < 0:
+            raise SourceError(f"parquet: {first_file}: integer labels must be >= 0 (found {lo})")
+        return [str(i) for i in range(hi + 1)]
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return sorted(set(pc.unique(values).to_pylist()) - {None})
+    raise SourceError(
+        f"parquet: {first_file}: column `label` is {values.type}; use integers or class names"
+    )
+
+
+def _probe_parquet_channels(split: SplitSource) -> int:
+    import io
+
+    from PIL import Image
+
+    modes = []
+    for row in split.iter_rows(limit=32):
+        try:
+            with Image.open(io.BytesIO(row["image"])) as im:
+                modes.append(im.mode)
+        except (OSError, ValueError):
+            continue
+    return 1 if modes and all(m in GREY_MODES for m in modes) else 3
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def is_encoded(spec: str) -> bool:
+    """Whether a dataset name is one of encoded image files (streamable) or a built-in array."""
+    return spec.startswith(("imagefolder:", "parquet:"))
+
+
+def open_source(spec: str, val_fraction: float = 0.1, seed: int = 0) -> ImageSource:
+    """List `imagefolder:PATH` or `parquet:PATH` (see the module docstring)."""
+    kind, _, path = spec.partition(":")
+    if not path:
+        raise SourceError(f"{spec!r}: name a path after the colon, e.g. {kind}:/data/photos")
+    if kind == "imagefolder":
+        return open_imagefolder(path, val_fraction, seed)
+    if kind == "parquet":
+        return open_parquet(path, val_fraction, seed)
+    raise SourceError(f"{spec!r}: not an encoded-image dataset (imagefolder:PATH or parquet:PATH)")
