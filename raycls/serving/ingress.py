@@ -97,11 +97,11 @@ class Ingress(ModelReplica):
         return await self.classifier.infer.remote(name, images)
 
     def _decode(self, data: bytes, spec: dict[str, Any]) -> np.ndarray:
-        # TODO(resize): pass resize=spec["resize"] once bundle.decode_image takes it (the lead's
-        # change on main); today every bundle is stretched with BILINEAR, the legacy rule
+        # the bundle's own resize rule, so served pixels are the ones it was validated on
         c, h, w = spec["shape"]
         return bundle_lib.decode_image(
-            data, c, h, w, max_pixels=self.args.max_pixels, formats=self._formats
+            data, c, h, w, resize=spec["resize"], max_pixels=self.args.max_pixels,
+            formats=self._formats,
         )
 
     async def _decode_all(self, blobs: list[bytes], spec: dict[str, Any]) -> np.ndarray:

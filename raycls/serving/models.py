@@ -71,7 +71,7 @@ class ModelHolder:
             "classes": b.classes,
             # the bundle's resize rule ("bilinear" = stretch, the legacy name; or "center-crop"),
             # what the decoder must do so served pixels equal training's
-            "resize": b.meta["input"].get("resize", "bilinear"),
+            "resize": b.resize,
             "meta": meta,
             "model_file": b.model_file,
         }
