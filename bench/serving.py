@@ -406,7 +406,13 @@ def v2_main(args) -> None:
     port = free_port()
     app = {"model": b["path"], "min_replicas": REPLICAS, "max_replicas": REPLICAS,
            "max_images": max(V2_BATCH, MULTI)}  # fmt: skip
-    proc, _ = start_serve("fast", {"small": app}, port, out / "serving_v2.log")
+    apps = {"small": app}
+    if args.layouts:
+        # what a deployment per model costs: the ingress hands each request to the model's own
+        # deployment (the split layout's hop), against the models inside the ingress replicas
+        apps["split"] = {**app, "split": True, "min_replicas": 1, "max_replicas": 1,
+                         "classifier_min_replicas": 1, "classifier_max_replicas": 1}  # fmt: skip
+    proc, _ = start_serve("fast", apps, port, out / "serving_v2.log")
     host = f"127.0.0.1:{port}/small"
 
     def uint8_inputs():
@@ -435,6 +441,12 @@ def v2_main(args) -> None:
                     host, "small", bytes_inputs, top5, 8, seconds)),
                 ("v2 UINT8 x64 binary", V2_BATCH, lambda: triton_load(
                     host, "small", uint8_inputs, top5, 4, seconds)),
+                *([("per-model deployment: v1 x16", MULTI, lambda: measure(
+                    f"http://127.0.0.1:{port}/split/v1/classify", bodies, 8, seconds,
+                    f"multipart/form-data; boundary={BOUNDARY}")),
+                   ("per-model deployment: v2 UINT8 x64", V2_BATCH, lambda: triton_load(
+                    f"127.0.0.1:{port}/split", "small", uint8_inputs, top5, 4, seconds))]
+                  if args.layouts else []),
             ):  # fmt: skip
                 res = run()
                 points.append({"point": name, "round": r, "images_per_request": per_req, **res,
@@ -475,6 +487,8 @@ def main() -> None:
     p.add_argument("--v2", action="store_true",
                    help="the V2 (Open Inference Protocol) points instead: tritonclient UINT8 x64 "
                    "and BYTES, against /v1 x16 and the ceiling (writes serving_v2.json)")
+    p.add_argument("--layouts", action="store_true",
+                   help="with --v2: also a deployment per model (ingress -> model deployment)")
     args = p.parse_args()
     if args.v2:
         return v2_main(args)
