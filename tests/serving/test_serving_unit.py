@@ -347,12 +347,17 @@ def test_replica_sizes_onnxruntime_to_its_cpus():
 # ----------------------------------------------------------------------------- several models
 
 
-def test_model_set_adds_replaces_and_removes_one_model_at_a_time(bundles):
+def test_model_set_adds_replaces_and_removes_one_model_at_a_time(bundles, monkeypatch):
     """ModelSet.apply changes only what changed: an untouched model keeps its session and batch
     queue; a replaced one gets a new session under the same name; a removed one is gone."""
     import asyncio
+    from types import SimpleNamespace
 
-    from raycls.serving import ModelHolder, ModelSet
+    from raycls.serving import ModelHolder, ModelSet, serve
+
+    # @serve.batch reads the replica's max_ongoing_requests for a warning; no replica here
+    config = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: config)
 
     batches: list[tuple[str, int]] = []
     models = ModelSet(ModelHolder, lambda name, n: batches.append((name, n)))
