@@ -2,6 +2,7 @@
 onnxruntime server (bench/plain_server.py) and vs raw in-process onnxruntime (the ceiling).
 
     python bench/serving.py --quick
+    python bench/serving.py --v2 --quick     # the Open Inference Protocol points (tritonclient)
 
 Two bundles written the way `raycls export` writes them: `small` (the default resnet_small at
 Fashion-MNIST's 1x28x28) and `heavy` (a ResNet-18 at CIFAR-10's 3x32x32). Each is served by
@@ -343,6 +344,139 @@ def multipart_bodies(pngs: list[bytes], n: int) -> list[bytes]:
     return bodies
 
 
+# ----------------------------------------------------------------------------- V2 points
+
+V2_BATCH = 64  # UINT8 images per V2 request (the bundle's native input, no decoding)
+
+
+def triton_load(host: str, model: str, make_inputs, outputs, c: int, seconds: float):
+    """`c` threads, each with its own tritonclient, sending one request after another for
+    `seconds` (after a short warm-up); requests/s, p50/p99 latency and errors."""
+    import threading
+
+    import tritonclient.http as httpclient
+
+    lat, errors, stop = [], [0], threading.Event()
+    start_at = time.perf_counter() + min(1.0, seconds / 3)
+
+    def worker() -> None:
+        client = httpclient.InferenceServerClient(host, network_timeout=60)
+        inputs = make_inputs()
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                client.infer(model, inputs, outputs=outputs(), request_id="b")
+            except Exception:  # noqa: BLE001 - counted, reported
+                errors[0] += 1
+                continue
+            if t >= start_at:
+                lat.append(time.perf_counter() - t)
+        client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(c)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, start_at - time.perf_counter()) + seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    lat_ms = np.array(sorted(lat)) * 1000 if lat else np.array([float("nan")])
+    return {"rps": len(lat) / seconds, "p50_ms": float(np.percentile(lat_ms, 50)),
+            "p99_ms": float(np.percentile(lat_ms, 99)), "errors": errors[0],
+            "requests": len(lat)}  # fmt: skip
+
+
+def v2_main(args) -> None:
+    """V2 binary UINT8 x64 and V2 BYTES (encoded PNGs) with tritonclient, against /v1 with
+    MULTI images a request and the in-process ceiling, on one Serve (fast mode), same images.
+    Points alternate round by round, so a noisy neighbour hits all of them alike."""
+    import tritonclient.http as httpclient
+
+    started = time.time()
+    seconds = {"tiny": 1.0, "quick": 3.0, "full": 8.0}[harness.mode(args)]
+    rounds = 1 if args.tiny else 3
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix="raycls-bench-v2-"))
+    b = make_bundle("small", work, args.tiny)
+    from raycls.bundle import load_bundle
+
+    bundle = load_bundle(b["path"])
+    images = np.stack([bundle.decode(x) for x in b["pngs"]])  # (64, C, H, W) as served
+    batch = np.stack([images[i % len(images)] for i in range(V2_BATCH)])
+    port = free_port()
+    app = {"model": b["path"], "min_replicas": REPLICAS, "max_replicas": REPLICAS,
+           "max_images": max(V2_BATCH, MULTI)}  # fmt: skip
+    apps = {"small": app}
+    if args.layouts:
+        # what a deployment per model costs: the ingress hands each request to the model's own
+        # deployment (the split layout's hop), against the models inside the ingress replicas
+        apps["split"] = {**app, "split": True, "min_replicas": 1, "max_replicas": 1,
+                         "classifier_min_replicas": 1, "classifier_max_replicas": 1}  # fmt: skip
+    proc, _ = start_serve("fast", apps, port, out / "serving_v2.log")
+    host = f"127.0.0.1:{port}/small"
+
+    def uint8_inputs():
+        inp = httpclient.InferInput("images", list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch)
+        return [inp]
+
+    def bytes_inputs():
+        blobs = np.array([b["pngs"][i % len(b["pngs"])] for i in range(MULTI)], dtype=object)
+        inp = httpclient.InferInput("image_bytes", [MULTI], "BYTES")
+        inp.set_data_from_numpy(blobs)
+        return [inp]
+
+    def top5():
+        return [httpclient.InferRequestedOutput("probabilities", class_count=5)]
+
+    bodies = multipart_bodies(b["pngs"], MULTI)
+    points: list[dict[str, Any]] = []
+    try:
+        for r in range(rounds):
+            for name, per_req, run in (
+                ("v1 multipart x16", MULTI, lambda: measure(
+                    f"http://{host}/v1/classify", bodies, 8, seconds,
+                    f"multipart/form-data; boundary={BOUNDARY}")),
+                ("v2 BYTES x16 (PNG)", MULTI, lambda: triton_load(
+                    host, "small", bytes_inputs, top5, 8, seconds)),
+                ("v2 UINT8 x64 binary", V2_BATCH, lambda: triton_load(
+                    host, "small", uint8_inputs, top5, 4, seconds)),
+                *([("per-model deployment: v1 x16", MULTI, lambda: measure(
+                    f"http://127.0.0.1:{port}/split/v1/classify", bodies, 8, seconds,
+                    f"multipart/form-data; boundary={BOUNDARY}")),
+                   ("per-model deployment: v2 UINT8 x64", V2_BATCH, lambda: triton_load(
+                    f"127.0.0.1:{port}/split", "small", uint8_inputs, top5, 4, seconds))]
+                  if args.layouts else []),
+            ):  # fmt: skip
+                res = run()
+                points.append({"point": name, "round": r, "images_per_request": per_req, **res,
+                               "images_per_s": res["rps"] * per_req})  # fmt: skip
+                print(f"[bench] {name:20s} {res['rps'] * per_req:8.0f} images/s "
+                      f"p50 {res['p50_ms']:.1f} p99 {res['p99_ms']:.1f} ms "
+                      f"errors {res['errors']}", flush=True)  # fmt: skip
+    finally:
+        stop(proc)
+    ceil = ceiling(b["path"], b["pngs"], seconds / 2)
+    rows = []
+    for name in dict.fromkeys(p["point"] for p in points):
+        mine = [p for p in points if p["point"] == name]
+        ips = float(np.median([p["images_per_s"] for p in mine]))
+        rows.append({"point": name, "images_per_s": round(ips),
+                     "vs_ceiling": round(ips / ceil["images_per_s"], 2),
+                     "p50_ms": round(float(np.median([p["p50_ms"] for p in mine])), 1),
+                     "p99_ms": round(float(np.median([p["p99_ms"] for p in mine])), 1),
+                     "errors": sum(p["errors"] for p in mine)})  # fmt: skip
+    rows.append({"point": f"in-process ceiling (decode + onnxruntime, batch {ceil['best_batch']})",
+                 "images_per_s": round(ceil["images_per_s"]), "vs_ceiling": 1.0})  # fmt: skip
+    notes = [f"{b['describe']}; Serve fast mode, {REPLICAS} replicas; medians of {rounds} rounds "
+             f"of {seconds} s; /v1 and V2 BYTES at 8 clients, V2 UINT8 at 4; the ceiling decodes "
+             "PNGs, which the UINT8 point does not (its server work is onnxruntime alone)"]
+    harness.write_result(out, "serving_v2", args, rows, {"points": points, "ceiling": ceil},
+                         notes, started)  # fmt: skip
+    for row in rows:
+        print(row, flush=True)
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--host-serve":
         return host_serve(json.loads(sys.argv[2]))
@@ -350,7 +484,14 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8000,
                    help="Serve HTTP port; 0 = any free one (default: 8000)")
     p.add_argument("--profile", action="store_true", help="py-spy the Serve replica at c=32")
+    p.add_argument("--v2", action="store_true",
+                   help="the V2 (Open Inference Protocol) points instead: tritonclient UINT8 x64 "
+                   "and BYTES, against /v1 x16 and the ceiling (writes serving_v2.json)")
+    p.add_argument("--layouts", action="store_true",
+                   help="with --v2: also a deployment per model (ingress -> model deployment)")
     args = p.parse_args()
+    if args.v2:
+        return v2_main(args)
     started = time.time()
     models, levels, seconds, rounds, default_levels, default_models = SETTINGS[harness.mode(args)]
     rows, notes, details = [], [], {"points": []}

@@ -359,6 +359,18 @@ def validate_serve_config(cfg: dict, file: str, prefix: str = "") -> list[Proble
         app_key = _join(_join(prefix, "applications"), a) if model is ServeDeploySchema else prefix
         if isinstance(app, dict):
             problems += _raycls_app_problems(app, file, app_key)
+            host = str(((cfg.get("http_options") or {}) if isinstance(cfg, dict) else {})
+                       .get("host", "0.0.0.0"))  # fmt: skip
+            args = app.get("args") or {}
+            if (app.get("import_path") in ("raycls.deploy", "raycls:deploy")
+                    and host not in ("127.0.0.1", "localhost", "::1")
+                    and not (isinstance(args, dict) and args.get("api_key_file"))):  # fmt: skip
+                problems.append(Problem(
+                    file, _join(app_key, "args"),
+                    f"raycls is bound to {host} without API keys (anyone reaching it can classify)",
+                    "set args.api_key_file (keys one a line) or $RAYCLS_API_KEY_FILE on the "
+                    "cluster, or keep http_options.host at 127.0.0.1 behind a gateway", "warning",
+                ))  # fmt: skip
         for d, dep in enumerate((app or {}).get("deployments") or []):
             dep_key = _join(_join(app_key, "deployments"), d)
             auto = (dep or {}).get("autoscaling_config")

@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 
 
-def build_digits_bundle(directory: Path, name: str = "digits", seed: int = 0) -> dict:
-    """Train a 64-32-10 MLP on digits for ~1 s, export it, write a bundle; return test data."""
+def build_digits_bundle(
+    directory: Path, name: str = "digits", seed: int = 0, parity: bool = False
+) -> dict:
+    """Train a 64-32-10 MLP on digits for ~1 s, export it, write a bundle; return test data.
+    `parity=True`: a second task on the same images (classes "even", "odd"), for serving two
+    models that must give different answers."""
     import torch
     from torch import nn
 
@@ -23,6 +27,7 @@ def build_digits_bundle(directory: Path, name: str = "digits", seed: int = 0) ->
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     ds = load_dataset("digits", val_fraction=0.1, seed=0)
+    classes = ["even", "odd"] if parity else list(ds.classes)
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
 
@@ -32,7 +37,7 @@ def build_digits_bundle(directory: Path, name: str = "digits", seed: int = 0) ->
         def __init__(self) -> None:
             super().__init__()
             self.body = nn.Sequential(
-                nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, len(ds.classes))
+                nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, len(classes))
             )
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 1, 8, 8) uint8
@@ -41,7 +46,7 @@ def build_digits_bundle(directory: Path, name: str = "digits", seed: int = 0) ->
 
     net = Net()
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    x, y = ds.train.images, ds.train.labels
+    x, y = ds.train.images, ds.train.labels % 2 if parity else ds.train.labels
     for _ in range(300):  # full batch; ~95% test accuracy
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
@@ -58,11 +63,12 @@ def build_digits_bundle(directory: Path, name: str = "digits", seed: int = 0) ->
 
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     test_x, test_y = ds.test.images.numpy(), ds.test.labels.numpy()
+    test_y = test_y % 2 if parity else test_y
     logits = sess.run(["logits"], {"images": test_x})[0]
     onnx_test_acc = float((logits.argmax(1) == test_y).mean())
     meta = {
         "name": name,
-        "classes": list(ds.classes),
+        "classes": classes,
         "input": {
             "channels": 1,
             "height": 8,

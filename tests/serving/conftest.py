@@ -71,18 +71,29 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Bundle A (`digits`) plus bundle B (`digits-b`, another seed) for the hot-swap test."""
+    """Bundle A (`digits`) plus bundle B (`digits-b`, another seed) for the hot-swap test; a
+    folder of two models (`digits`, `parity`) plus an API key file for the multi-model app, and
+    `digits2` (also named `digits`, another seed) to replace one of them."""
     from bundles import build_digits_bundle
 
     root = tmp_path_factory.mktemp("models")
     a = build_digits_bundle(root / "digits", name="digits", seed=0)
     b = build_digits_bundle(root / "digits-b", name="digits-b", seed=1)
-    return {"root": root, "a": a, "b": b}
+    multi = tmp_path_factory.mktemp("multi")
+    build_digits_bundle(multi / "digits", name="digits", seed=0)
+    parity = build_digits_bundle(multi / "parity", name="parity", seed=0, parity=True)
+    digits2 = build_digits_bundle(tmp_path_factory.mktemp("replace") / "digits", seed=2)
+    keys = ["k-" + "a" * 30, "k-" + "b" * 30]
+    key_file = multi.parent / "api_keys.txt"
+    key_file.write_text("# test keys\n" + "\n".join(keys) + "\n")
+    return {"root": root, "a": a, "b": b, "multi": multi, "parity": parity, "digits2": digits2,
+            "keys": keys, "key_file": key_file}  # fmt: skip
 
 
-def serve_config(model: Path, port: int) -> dict[str, Any]:
+def serve_config(model: Path, port: int, multi: dict[str, Any] | None = None) -> dict[str, Any]:
     """serve/config.yaml with the test's bundle, port and layout, plus a deliberately small app
-    (`/small`: one request at a time, one queued) for the overload test."""
+    (`/small`: one request at a time, one queued) for the overload test, and (given the bundles
+    fixture as `multi`) `/multi`: two models from one folder behind API keys."""
     cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     cfg["http_options"].update(host="127.0.0.1", port=port)
     main = cfg["applications"][0]
@@ -108,6 +119,12 @@ def serve_config(model: Path, port: int) -> dict[str, Any]:
         },  # fmt: skip
     }
     cfg["applications"].append(small)
+    if multi is not None:
+        cfg["applications"].append({
+            "name": "multi", "route_prefix": "/multi", "import_path": "raycls.deploy",
+            "args": {"models": str(multi["multi"]), "default_model": "digits", "split": False,
+                     "api_key_file": str(multi["key_file"]), "num_cpus": 0.25},
+        })  # fmt: skip
     return cfg
 
 
@@ -145,13 +162,14 @@ def serve_stack(ray_session, bundles: dict[str, Any]) -> dict[str, Any]:
     from ray import serve
 
     port = free_port()
-    cfg = serve_config(bundles["a"]["path"], port)
+    cfg = serve_config(bundles["a"]["path"], port, bundles)
     deploy_config(cfg)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/readyz")
     wait_ready(base + "/small/readyz")
+    wait_ready(base + "/multi/readyz")
     yield {"url": base, "config": cfg, "port": port, "mode": SERVE_MODE, "layout": LAYOUT}
-    for name in ("raycls", "small"):
+    for name in ("raycls", "small", "multi"):
         serve.delete(name, _blocking=False)
 
 

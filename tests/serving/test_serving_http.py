@@ -263,7 +263,7 @@ def test_bad_multipart(client, good_png):
 
 
 def test_unknown_route_is_json_404(client):
-    assert_error(client.get("/v2/nothing"), 404, "not_found")
+    assert_error(client.get("/v3/nothing"), 404, "not_found")  # /v2 is the V2 API's own
     assert_error(client.get("/v1/classify"), 405)
 
 
@@ -341,7 +341,7 @@ def test_hot_swap_drops_no_request(client, bundles, serve_stack, good_png):
                 seen.append((r.status_code, r.json().get("model", r.text[:200])))
 
     def swap_to(which: str, name: str) -> None:
-        cfg = serve_config(bundles["a"]["path"], serve_stack["port"])  # same args: same code
+        cfg = serve_config(bundles["a"]["path"], serve_stack["port"], bundles)  # same args
         holder = "Classifier" if serve_stack["layout"] == "split" else "Ingress"
         for d in cfg["applications"][0]["deployments"]:
             if d["name"] == holder:

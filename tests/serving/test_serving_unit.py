@@ -266,7 +266,7 @@ class _Recorder:
     def __init__(self):
         self.calls: list[tuple[bytes, int | None]] = []
 
-    async def classify_request(self, request, top_k):
+    async def classify_request(self, request, top_k, name=None):
         from starlette.responses import JSONResponse
 
         body = await request.body()
@@ -342,3 +342,98 @@ def test_replica_sizes_onnxruntime_to_its_cpus():
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert ModelHolder().session_options().intra_op_num_threads == 0  # onnxruntime's default
     assert parse_args({}).batch_wait_timeout_s == 0 and parse_args({}).access_log is False
+
+
+# ----------------------------------------------------------------------------- several models
+
+
+def test_model_set_adds_replaces_and_removes_one_model_at_a_time(bundles, monkeypatch):
+    """ModelSet.apply changes only what changed: an untouched model keeps its session and batch
+    queue; a replaced one gets a new session under the same name; a removed one is gone."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from raycls.serving import ModelHolder, ModelSet, serve
+
+    # @serve.batch reads the replica's max_ongoing_requests for a warning; no replica here
+    config = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: config)
+
+    batches: list[tuple[str, int]] = []
+    models = ModelSet(ModelHolder, lambda name, n: batches.append((name, n)))
+    a, parity = str(bundles["multi"] / "digits"), str(bundles["multi"] / "parity")
+    images = bundles["a"]["test_images"][:3]
+
+    async def scenario() -> None:
+        await models.apply({"digits": a, "parity": parity}, "digits", False, 16, 0.0)
+        parity_slot, parity_session = models.slots["parity"], models.slots["parity"].holder
+        name, logits = await models.slots["digits"].infer(images)
+        assert name == "digits" and logits.shape == (3, 10)
+        assert (await models.slots["parity"].infer(images))[1].shape == (3, 2)
+        await models.apply({"digits": str(bundles["digits2"]["path"]), "parity": parity},
+                           "digits", False, 16, 0.0)  # fmt: skip
+        assert models.slots["parity"] is parity_slot and parity_slot.holder is parity_session
+        _, new_logits = await models.slots["digits"].infer(images)
+        assert not np.allclose(new_logits, logits)  # another seed: another model answered
+        await models.apply({"parity": parity}, "parity", False, 16, 0.0)
+        assert set(models.slots) == {"parity"} and models.default == "parity"
+        assert models.spec("digits", 5) is None and models.spec("parity", 5)["classes"] == [
+            "even", "odd"]  # fmt: skip
+
+    asyncio.run(scenario())
+    assert ("digits", 3) in batches and ("parity", 3) in batches
+
+
+def test_models_folder_arguments(bundles, tmp_path):
+    from raycls.serving import ServeConfigError, parse_args, resolve_models
+
+    args, paths, default = resolve_models(parse_args({"models": str(bundles["multi"])}))
+    assert set(paths) == {"digits", "parity"} and default in paths
+    _, _, default = resolve_models(parse_args({"models": str(bundles["multi"]),
+                                               "default_model": "parity"}))  # fmt: skip
+    assert default == "parity"
+    with pytest.raises(ServeConfigError, match="not among the served models"):
+        resolve_models(parse_args({"models": str(bundles["multi"]), "default_model": "x"}))
+    with pytest.raises(ServeConfigError, match="not both"):
+        parse_args({"model": "a", "models": "b"})
+    with pytest.raises(ServeConfigError, match="no bundle found"):
+        resolve_models(parse_args({"models": str(tmp_path)}))
+    short = tmp_path / "keys.txt"
+    short.write_text("tooshort\n")
+    with pytest.raises(ServeConfigError, match="under 16 characters"):
+        resolve_models(parse_args({"models": str(bundles["multi"]), "api_key_file": str(short)}))
+    with pytest.raises(ServeConfigError, match="cannot be read"):
+        resolve_models(parse_args({"models": str(bundles["multi"]),
+                                   "api_key_file": str(tmp_path / "nope")}))  # fmt: skip
+
+
+def test_api_key_guard_without_ray():
+    """ApiKeyGuard in front of a plain Starlette app: 401 on protected routes, health open."""
+    import hashlib
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from raycls.serving.auth import ApiKeyGuard, key_allowed
+
+    digests = (hashlib.sha256(b"k" * 20).digest(), hashlib.sha256(b"j" * 20).digest())
+
+    async def ok(request):
+        return JSONResponse({"ok": True})
+
+    inner = Starlette(routes=[Route("/{rest:path}", ok, methods=["GET", "POST"])])
+    client = TestClient(ApiKeyGuard(inner, lambda: digests))
+    assert client.get("/v1/model").status_code == 401
+    assert client.get("/v2/models/m").json() == {
+        "error": "missing or wrong API key: send the header `Authorization: Bearer KEY`"}
+    assert client.get("/v1/model", headers={"Authorization": "Bearer " + "x" * 20}).json()[
+        "error"]["code"] == "unauthorized"  # fmt: skip
+    for key in ("k" * 20, "j" * 20):
+        assert client.get("/v1/model", headers={"Authorization": f"Bearer {key}"}).json() == {
+            "ok": True}  # fmt: skip
+    for open_path in ("/healthz", "/readyz", "/v2/health/ready", "/v2/models/m/versions/1/ready"):
+        assert client.get(open_path).status_code == 200, open_path
+    assert not key_allowed("Basic " + "k" * 20, digests) and not key_allowed(None, digests)
+    assert TestClient(ApiKeyGuard(inner, lambda: ())).get("/v1/model").status_code == 200
