@@ -160,7 +160,8 @@ def test_imagefolder_through_ray_data(ray_session, tmp_path):
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
     again = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16)
     assert len(again.train) + len(again.val) + len(again.test) == 12
-    with pytest.raises(DataError, match=r"more than --max-bad-images 0: .*broken.png: not a recognised image"):
+    bad = r"more than --max-bad-images 0: .*broken.png: not a recognised image"
+    with pytest.raises(DataError, match=bad):
         load_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16, max_bad_images=0)
     (tmp_path / "imgs" / "bird").mkdir()
     with pytest.raises(DataError, match="bird has no images"):
