@@ -16,7 +16,7 @@ from PIL import Image
 
 from raycls.bundle import decode_image
 from raycls.datatools import UsageError, convert, inspect
-from raycls.sources import SourceError, open_source
+from raycls.sources import open_source
 from tests.imagetree import make_jpeg_tree, make_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,15 +132,6 @@ def test_convert_round_trips_a_splits_tree(tmp_path):
     assert not list(tmp_path.glob(".pq.*"))  # no temporary folder left behind
 
 
-# sources.label_index maps str(label) through the class names, so int64 labels with a
-# `raycls.classes` list (the layout the issue specifies and convert writes) fail to read
-SOURCES_INT_LABELS = pytest.mark.xfail(
-    raises=SourceError, strict=False,
-    reason="raycls.sources reads int64 labels as class names (label_index): the lead's fix",
-)  # fmt: skip
-
-
-@SOURCES_INT_LABELS
 def test_convert_output_reads_back_through_sources(tmp_path):
     m = make_tree(tmp_path / "tree")
     summary = convert(f"imagefolder:{tmp_path / 'tree'}", tmp_path / "pq", log=lambda _: None)
@@ -234,7 +225,6 @@ def test_inspect_reports_classes_counts_and_bad_files(tmp_path):
     assert _cli("inspect").returncode == 2  # argparse: the dataset is required
 
 
-@SOURCES_INT_LABELS
 def test_inspect_reads_converted_parquet(tmp_path):
     make_tree(tmp_path / "tree")
     convert(f"imagefolder:{tmp_path / 'tree'}", tmp_path / "pq", log=lambda _: None)
