@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import shutil
 import struct
 import tarfile
 import tempfile
@@ -126,9 +127,8 @@ def load_digits(val_fraction: float, seed: int, test_fraction: float = 0.2) -> D
     order = np.random.default_rng(12345).permutation(len(labels))
     n_test = int(round(len(labels) * test_fraction))
     test, rest = order[:n_test], order[n_test:]
-    classes = [str(i) for i in range(10)]
     return _build(
-        "digits", classes, images[rest], labels[rest], images[test], labels[test],
+        "digits", MNIST_CLASSES, images[rest], labels[rest], images[test], labels[test],
         val_fraction, seed,
     )
 
@@ -219,11 +219,14 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
-    """Download and unpack the official binary archive into `root`, checking its md5."""
+    """Download and unpack the official binary archive into `root`, checking its md5. A failed
+    download leaves no trace: the folders it created are removed again."""
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     root.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} -> {root} ...", flush=True)
     with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz", delete=False) as tmp:
         tmp_path = Path(tmp.name)
+    ok = False
     try:
         urllib.request.urlretrieve(url, tmp_path)
         actual = _md5(tmp_path)
@@ -234,8 +237,11 @@ def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5)
             )
         with tarfile.open(tmp_path, "r:gz") as tar:
             tar.extractall(root, filter="data")  # "data" refuses absolute paths and links out
+        ok = True
     finally:
         tmp_path.unlink(missing_ok=True)
+        if not ok and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
     return root / CIFAR10_FOLDER
 
 
@@ -339,6 +345,26 @@ def report_bad_images(bad: list[str], limit: int, what: str) -> None:
 # ----------------------------------------------------------------------------- registry
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "parquet:PATH")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]  # batches.meta.txt of the official archive, in label order
+
+
+@dataclass(frozen=True)
+class BuiltinShape:
+    """What a built-in dataset holds, known without loading it (commands check their inputs
+    against it before any data loads)."""
+
+    channels: int
+    image_size: int  # native; `--image-size` resizes
+    classes: tuple[str, ...]
+
+
+BUILTIN_SHAPES = {
+    "digits": BuiltinShape(1, 8, tuple(MNIST_CLASSES)),
+    "mnist": BuiltinShape(1, 28, tuple(MNIST_CLASSES)),
+    "fashion-mnist": BuiltinShape(1, 28, tuple(FASHION_CLASSES)),
+    "cifar10": BuiltinShape(3, 32, tuple(CIFAR10_CLASSES)),
+}
 
 
 def load_dataset(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,11 @@ def _torchvision_model(
 
     if pretrained:
         net = torchvision.models.get_model(name, weights=None)
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
+        try:
+            net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # not weights for `name`
+            raise ValueError(f"--pretrained {pretrained}: not {name} weights that torch can "
+                             f"load ({str(e).splitlines()[0][:200]})") from None
         _replace_head(net, num_classes)
     else:
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)

@@ -329,9 +329,10 @@ def train_driver(config: dict[str, Any], data: Any, train_storage: str) -> None:
     # When Tune stops this trial (ASHA, PBT pause, the last epoch), the actor is ended and the
     # Train controller dies with it; ReleaseOrphans in the search driver frees its workers.
     while (item := reports.get()) is not None:
-        if item["metrics"].get("data_error"):  # deterministic: retrying the trial cannot help
+        error = item["metrics"].get("data_error") or item["metrics"].get("config_error")
+        if error:  # deterministic: retrying the trial cannot help
             acks.put(True)
-            raise RuntimeError(item["metrics"]["data_error"])
+            raise RuntimeError(error)
         ckpt = item["checkpoint"]
         tune.report(  # ray: persists a copy of the Train checkpoint into the trial dir
             item["metrics"],
@@ -437,6 +438,25 @@ def trial_config(settings: SearchSettings) -> TrainConfig:
     if settings.scheduler == "pbt" and cfg.keep_checkpoints < 3:
         cfg = cfg.replace(keep_checkpoints=3)  # PBT may clone a checkpoint an epoch old
     return cfg
+
+
+# fields whose searched choices name something a typo breaks (a registry entry, a policy, a file)
+PREFLIGHT_FIELDS = ("model", "dataset", "aug_policy", "aug_policy_file", "pretrained")
+
+
+def check_search(settings: SearchSettings) -> None:
+    """The trials' inputs, before Ray starts: the base config (raycls.preflight) and every
+    choice of a searched registry name, policy or file (a bad one would fail its trials late)."""
+    from raycls.preflight import check_config
+
+    cfg = trial_config(settings)
+    check_config(cfg)
+    for key, spec in settings.space.items():
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("choice", "grid"):
+            spec = next(iter(spec.values()))
+        if key in PREFLIGHT_FIELDS:
+            for value in spec if isinstance(spec, list) else [spec]:
+                check_config(cfg.replace(**{key: value}))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -913,6 +933,8 @@ def main(args: argparse.Namespace) -> int:
     overrides.update(storage_path=args.storage_path, name=args.name, export=args.export)
     try:
         settings = resolve_settings(args.preset, overrides)
+        if not args.resume:  # a resumed search keeps the settings it started with
+            check_search(settings)
     except (ConfigError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

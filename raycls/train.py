@@ -13,6 +13,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -283,10 +284,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     std = torch.tensor(info["std"], device=device).view(1, -1, 1, 1)
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts it)
-    model = build_model(
-        cfg.model, num_classes, info["channels"], info["image_size"], cfg.model_width,
-        cfg.pretrained,
-    ).to(device)
+    try:
+        model = build_model(
+            cfg.model, num_classes, info["channels"], info["image_size"], cfg.model_width,
+            cfg.pretrained,
+        ).to(device)
+    except (ValueError, TypeError, OSError) as e:
+        # the same on every rank and every retry: a report, not an exception, so that Train
+        # does not restart the worker group --max-failures times for nothing
+        stop_run(cfg, rank, "config_error", f"model={cfg.model}: cannot be built for "
+                 f"{info['channels']}x{info['image_size']}px images and {num_classes} classes "
+                 f"({e})")
+        return
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # ray: DDP wrapper, moves to device
@@ -362,7 +371,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # every rank saw the same gathered list, so all stop here together; a report
             # instead of an exception, so that Train does not retry what would fail again
             message = bad_images_message(cfg.dataset, bad_images, cfg.max_bad_images)
-            ray.train.report({**metrics, "data_error": message})
+            stop_run(cfg, rank, "data_error", message, metrics)
             return
         improved = metrics["val_acc"] > best_val_acc
         best_val_acc, stale = max(best_val_acc, metrics["val_acc"]), 0 if improved else stale + 1
@@ -397,6 +406,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log(f"early stop: no val_acc gain for {stale} epochs")
             break
+
+
+RUN_ERROR_FILE = "error.json"  # {"config_error" | "data_error": message}, in the run folder
+
+
+def _run_error_path(cfg: TrainConfig):
+    """(pyarrow filesystem, path of the run's error file): local, NFS or object storage alike,
+    as every rank and the driver see the run folder."""
+    import pyarrow.fs
+
+    fs, run_dir = pyarrow.fs.FileSystem.from_uri(f"{cfg.storage_path.rstrip('/')}/{cfg.name}")
+    return fs, run_dir, f"{run_dir}/{RUN_ERROR_FILE}"
+
+
+def stop_run(cfg: TrainConfig, rank: int, kind: str, message: str, metrics=None) -> None:
+    """End the run on every rank for an error that a retry would only repeat (a model that cannot
+    be built, too many unreadable images). Reported instead of raised, so that Train does not
+    restart the worker group --max-failures times; rank 0 leaves the message for the driver,
+    since Train's Result carries only the metrics of checkpointed reports. Every rank reports,
+    so the ranks stay in step."""
+    import ray.train
+
+    if rank == 0:
+        fs, run_dir, path = _run_error_path(cfg)
+        fs.create_dir(run_dir, recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps({kind: message}).encode())
+    ray.train.report({**(metrics or {}), kind: message})
+
+
+def read_run_error(cfg: TrainConfig) -> dict[str, str]:
+    fs, _, path = _run_error_path(cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
+def clear_run_error(cfg: TrainConfig) -> None:
+    fs, _, path = _run_error_path(cfg)
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def log(message: str) -> None:
@@ -438,9 +492,17 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
     if resume:
         run_dir = Path(storage) / resume
         if "://" not in storage and not run_dir.is_dir():
-            raise RunError(f"--resume {resume}: no run directory {run_dir}")
+            runs = sorted(p.name for p in Path(storage).glob("*") if p.is_dir())[-3:]
+            raise RunError(f"resume={resume}: no run directory {run_dir}; "
+                           + (f"runs there: {', '.join(runs)}" if runs else
+                              "start a new run without --resume"))
         if (run_dir / "result.json").exists():
-            raise RunError(f"--resume {resume}: the run already finished ({run_dir}/result.json)")
+            best = json.loads((run_dir / "result.json").read_text()).get("checkpoint", "")
+            raise RunError(
+                f"resume={resume}: the run already finished ({run_dir}/result.json); to train "
+                f"it further, start a new run from its best checkpoint: `raycls train "
+                f"--resume-from {best or run_dir / 'checkpoint_...'} --num-epochs N` (with the "
+                "run's other flags)")
         for ckpt in sorted(run_dir.glob("checkpoint_*")):
             if (ckpt / "meta.json").exists():  # no meta.json = never finished, never used
                 verify_checkpoint(ckpt)  # refuse to resume into a corrupted checkpoint
@@ -454,11 +516,20 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
     if "://" not in storage and run_dir.exists():
         finished = (run_dir / "result.json").exists()
         raise RunError(
-            f"run {name!r} already exists in {storage} "
+            f"name={name}: the run already exists in {storage} "
             f"({'finished' if finished else 'unfinished'}); "
             + ("choose another --name" if finished else f"continue it with --resume {name}")
         )
     return cfg.replace(name=name, storage_path=storage)
+
+
+def forget_unstarted_run(run_dir: Path, storage_path: str) -> bool:
+    """Remove a local run folder that holds no checkpoint (nothing to resume, nothing to keep:
+    a later attempt under the same name must not trip over it). True when it was removed."""
+    if "://" in storage_path or any(run_dir.glob("checkpoint_*/meta.json")):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None):
@@ -560,16 +631,23 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
         flush=True,
     )
     t0 = time.perf_counter()
+    clear_run_error(cfg)  # a resumed run starts without the error it stopped on
     try:
         result = build_trainer(cfg, data).fit()
     except ray.train.TrainingFailedError as e:
-        raise RunError(
-            f"training failed: {e}\nThe run's checkpoints are kept: continue it with "
-            f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`"
-        ) from None
+        if not forget_unstarted_run(run_dir, cfg.storage_path):
+            raise RunError(
+                f"training failed: {e}\nThe run's checkpoints are kept: continue it with "
+                f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`"
+            ) from None
+        raise RunError(f"training failed before its first checkpoint: {e}") from None
     train_time = time.perf_counter() - t0
-    if (result.metrics or {}).get("data_error"):
-        raise DataError(result.metrics["data_error"])
+    stopped = read_run_error(cfg)  # a deterministic error the workers stopped on, not retried
+    if "config_error" in stopped:
+        forget_unstarted_run(run_dir, cfg.storage_path)
+        raise ConfigError(stopped["config_error"])
+    if "data_error" in stopped:
+        raise DataError(stopped["data_error"])
     if not result.best_checkpoints:
         raise RunError("training produced no checkpoint")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
@@ -632,19 +710,51 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-FLAG_HELP = {
+FLAG_HELP = {  # every TrainConfig field's flag; add_arguments appends the default
     "dataset": "digits | mnist | fashion-mnist | cifar10 | imagefolder:PATH | parquet:PATH "
     "(a file, folder, glob or s3:// / gs:// URI)",
+    "data_dir": "folder holding mnist / fashion-mnist's IDX files or cifar10 (downloaded there "
+    "when missing)",
+    "image_size": "train at this many pixels a side; 0 = the dataset's native size (digits 8, "
+    "mnist 28, cifar10 32; 32 for imagefolder/parquet)",
+    "val_fraction": "share of the training split held out (seeded) for validation when the "
+    "dataset has no val split",
+    "seed": "seeds the split, the model init and the augmentation RNG",
     "data_mode": "auto | memory | stream: stream decodes with Ray Data on the fly (any size), "
     "memory decodes once into the object store; auto streams imagefolder/parquet only",
     "max_bad_images": "undecodable images skipped (and named) before the run stops",
+    "model": "resnet_small, or any torchvision classification model by name (resnet18, "
+    "mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...)",
+    "model_width": "channels of resnet_small's first stage (stages double it)",
+    "pretrained": "torchvision weights file (.pth) to start from (torchvision models only)",
+    "num_epochs": "epochs to train",
+    "batch_size": "global batch, split evenly over the workers",
+    "optimizer": "sgd (Nesterov momentum) or adamw",
+    "lr": "peak learning rate (after warm-up) for the global batch",
+    "momentum": "SGD momentum (adamw: beta1)",
+    "weight_decay": "L2 weight decay",
+    "warmup_epochs": "linear warm-up epochs, then cosine decay to 0",
+    "label_smoothing": "cross-entropy label smoothing in [0, 1)",
+    "aug_policy": "augmentation policy: 'none', 'default' (per dataset) or components joined by "
+    "'-': crop<PAD>, flip, cutout<SIZE>, plus at most one of rand-n<N>-m<M 0-30>, trivial, "
+    "autoaug-cifar10, pba:<op>=<prob>/<level>,...; e.g. crop4-flip-rand-n2-m9-cutout8",
+    "aug_mixup_alpha": "Beta(alpha, alpha) mixup; 0 = off",
+    "aug_cutmix_alpha": "Beta(alpha, alpha) cutmix; 0 = off",
+    "aug_policy_file": "a PBA schedule JSON (from a search) to train with; overrides --aug-policy",
     "aug_crop_scale": "streaming: smallest image-area share a random training crop keeps "
     "(1 = whole image)",
-    "aug_policy_file": "a PBA schedule JSON (from a search) to train with; overrides --aug-policy",
-    "resume_from": "start from this checkpoint directory (weights, optimizer, epoch)",
-    "max_failures": "worker-group restarts allowed (Ray Train FailureConfig)",
+    "num_workers": "Ray Train workers (data-parallel DDP ranks)",
+    "use_gpu": "one GPU per worker (NCCL); else CPU workers (gloo)",
+    "cpus_per_worker": "CPUs (and torch threads) per worker",
+    "keep_checkpoints": "best checkpoints kept, ranked by val_acc",
+    "early_stop_patience": "stop after this many epochs without a val_acc gain; 0 = never",
+    "max_failures": "worker-group restarts allowed (Ray Train FailureConfig); -1 = unlimited",
     "storage_path": "where runs are written (local path, NFS or s3://)",
+    "name": "run name (a folder under --storage-path); empty = a fresh unique one",
+    "resume_from": "start a new run from this checkpoint folder (weights, optimizer, epoch); "
+    "continues training a finished run",
 }
+CHOICES = {"optimizer": ("sgd", "adamw"), "data_mode": ("auto", "memory", "stream")}
 SKIP_FLAGS = {"extra"}
 
 
@@ -656,15 +766,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{FLAG_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default!r})"
+        help_text = f"{FLAG_HELP[f.name]} (default: {default!r})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+            parser.add_argument(flag, type=type(default), default=default, help=help_text,
+                                choices=CHOICES.get(f.name))
     parser.add_argument("--epochs", dest="num_epochs", type=int, help="alias of --num-epochs")
     parser.add_argument("--policy-file", dest="aug_policy_file", help="alias of --aug-policy-file")
-    parser.add_argument("--resume", metavar="RUN", help="continue the unfinished run named RUN")
+    parser.add_argument("--resume", metavar="RUN", help="continue the unfinished run named RUN "
+                        "(a folder under --storage-path) from its newest checkpoint, with its "
+                        "own saved flags; a finished run: use --resume-from CHECKPOINT")
     parser.add_argument("--json", action="store_true", help="print result.json as the last line")
     add_address_argument(parser)
 
@@ -728,9 +841,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
+    from raycls.preflight import check_config
+
+    try:  # everything that can be wrong with the flags, before Ray starts (exit 2)
         cfg = config_from_args(args)
-    except ConfigError as e:
+        if not args.resume:  # a resumed run takes its own saved config (checked below)
+            check_config(cfg)
+        resolved = resolve_run(cfg, args.resume)
+        if args.resume:
+            check_config(resolved)
+    except (ConfigError, RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
