@@ -7,12 +7,13 @@ import hashlib
 import io
 import struct
 import tarfile
+from dataclasses import astuple
 
 import numpy as np
 import pytest
 import torch
 
-from raycls.data import DataError, download_cifar10, load_dataset
+from raycls.data import BUILTIN_SHAPES, DataError, download_cifar10, load_dataset
 from tests.conftest import shared_dataset
 
 
@@ -27,6 +28,8 @@ def test_digits_offline_default_is_deterministic():
     assert not torch.equal(a.val.images, c.val.images)  # the seed moves the validation split
     assert torch.equal(a.test.images, c.test.images)  # but never the test hold-out
     assert a.train.images.max() == 255
+    shape = BUILTIN_SHAPES["digits"]
+    assert (shape.channels, shape.image_size, shape.classes) == (1, 8, tuple(a.classes))
 
 
 def test_mnist_matches_published_facts():
@@ -37,6 +40,7 @@ def test_mnist_matches_published_facts():
     assert ds.train.images.shape[1:] == (1, 28, 28)
     assert ds.mean[0] == pytest.approx(0.1307, abs=1e-4)
     assert ds.std[0] == pytest.approx(0.3081, abs=1e-4)
+    assert astuple(BUILTIN_SHAPES["mnist"]) == (1, 28, tuple(ds.classes))
 
 
 def test_fashion_mnist_matches_published_facts():
@@ -45,6 +49,7 @@ def test_fashion_mnist_matches_published_facts():
     assert counts.tolist() == [6000] * 10
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
     assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+    assert astuple(BUILTIN_SHAPES["fashion-mnist"]) == (1, 28, tuple(ds.classes))
 
 
 def test_cifar10_matches_published_facts():
@@ -52,6 +57,8 @@ def test_cifar10_matches_published_facts():
     assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                           "horse", "ship", "truck"]
     assert ds.test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    shape = BUILTIN_SHAPES["cifar10"]  # what commands check against before loading it
+    assert (shape.channels, shape.image_size, shape.classes) == (3, 32, tuple(ds.classes))
     assert np.allclose(ds.mean, (0.4914, 0.4822, 0.4465), atol=1e-4)
     assert np.allclose(ds.std, (0.2470, 0.2435, 0.2616), atol=1e-3)
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
@@ -115,7 +122,11 @@ def test_cifar10_download_checks_md5_offline(tmp_path):
     """The real download code, fed a local archive through a file:// URL."""
     archive, md5 = _fake_cifar_archive(tmp_path)
     with pytest.raises(DataError, match="md5 .* does not match"):
-        download_cifar10(tmp_path / "bad", url=archive.as_uri(), md5="0" * 32)
+        download_cifar10(tmp_path / "bad" / "data", url=archive.as_uri(), md5="0" * 32)
+    assert not (tmp_path / "bad").exists()  # a failed download leaves no empty --data-dir
+    with pytest.raises(OSError):
+        download_cifar10(tmp_path / "gone", url=(tmp_path / "none.tar.gz").as_uri(), md5=md5)
+    assert not (tmp_path / "gone").exists()
     folder = download_cifar10(tmp_path / "good", url=archive.as_uri(), md5=md5)
     ds = load_dataset("cifar10", str(folder.parent), download=False)
     assert len(ds.test) == 20 and ds.classes[3] == "class3"
