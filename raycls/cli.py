@@ -32,7 +32,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     # Only the module of the chosen command is imported (keeps `raycls predict` light).
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # no abbreviated flags: `--epoch` must not silently mean `--epochs` (nor break when a
+        # later flag makes it ambiguous)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     return parser

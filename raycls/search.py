@@ -926,6 +926,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join: host:port or 'auto' (default: $RAY_ADDRESS, "
                              "else a new local Ray on this machine)")
     parser.add_argument("--json", action="store_true", help="print the summary as the last line")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the preset, the flags and every searched choice, print the "
+                        "search that would start, and exit without starting Ray")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -938,6 +941,12 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(f"[raycls] dry run: the flags are valid; the search would run {settings.num_samples}"
+              f" trial(s) ({settings.scheduler}) of up to {settings.max_epochs} epochs on "
+              f"{settings.dataset}, searching {', '.join(settings.space) or 'nothing'} "
+              "(nothing was started)")
+        return 0
     from raycls.bundle import BundleError
     from raycls.data import DataError
     from raycls.export import ExportError

@@ -779,6 +779,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(a folder under --storage-path) from its newest checkpoint, with its "
                         "own saved flags; a finished run: use --resume-from CHECKPOINT")
     parser.add_argument("--json", action="store_true", help="print result.json as the last line")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check every flag and input, print the run that would start, and "
+                        "exit without starting Ray")
     add_address_argument(parser)
 
 
@@ -853,6 +856,14 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(f"[raycls] dry run: the flags are valid; run {resolved.name} would train "
+              f"{resolved.model} on {resolved.dataset}, {resolved.num_workers} worker(s), "
+              f"{resolved.num_epochs} epochs -> {resolved.storage_path}/{resolved.name} "
+              "(nothing was started)")
+        if args.json:
+            print(json.dumps(resolved.to_dict()))
+        return 0
     try:
         init_ray(args.address, min_cpus=stream_cpus(cfg))
         summary = run_training(cfg, resume=args.resume)
