@@ -38,7 +38,7 @@ from typing import Any
 import harness
 
 SETTINGS = {  # mode -> (tree sizes (small, 8x), image size, batch, epochs a run, rounds)
-    "tiny": ((160, 1280), 48, 32, 2, 1),
+    "tiny": ((64, 512), 32, 32, 2, 1),
     "quick": ((500, 4000), 64, 64, 2, 1),  # ~4 minutes on 2 idle cores (Ray + Train starts)
     "full": ((4000, 32000), 160, 64, 3, 2),
 }

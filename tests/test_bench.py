@@ -108,6 +108,7 @@ def test_serving_benchmark(tmp_path):
     assert (tmp_path / "serving_throughput.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # ~5 minutes: three searches and a run; the search itself is in test_search
 @pytest.mark.ray
 def test_search_benchmark(tmp_path):
     result = run_bench("search", tmp_path)
