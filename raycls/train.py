@@ -30,6 +30,12 @@ from raycls.augment import build_augment, load_policy_schedule, mix_batch, polic
 from raycls.config import ConfigError, TrainConfig
 from raycls.data import DataError, Dataset, bad_images_message
 from raycls.ingest import RunData
+from raycls.interrupt import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    fit_interruptibly,
+    second_interrupt_exits,
+)
 from raycls.models import (
     CheckpointError,
     build_model,
@@ -523,6 +529,17 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
     return cfg.replace(name=name, storage_path=storage)
 
 
+def newest_epoch(run_dir: Path) -> int:
+    """Epochs done by the newest complete checkpoint of a local run (0 for none)."""
+    done = 0
+    for meta in run_dir.glob("checkpoint_*/meta.json"):
+        try:
+            done = max(done, json.loads(meta.read_text())["epoch"] + 1)
+        except (OSError, ValueError, KeyError):
+            continue
+    return done
+
+
 def forget_unstarted_run(run_dir: Path, storage_path: str) -> bool:
     """Remove a local run folder that holds no checkpoint (nothing to resume, nothing to keep:
     a later attempt under the same name must not trip over it). True when it was removed."""
@@ -633,7 +650,17 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     t0 = time.perf_counter()
     clear_run_error(cfg)  # a resumed run starts without the error it stopped on
     try:
-        result = build_trainer(cfg, data).fit()
+        result = fit_interruptibly(build_trainer(cfg, data))
+    except KeyboardInterrupt:
+        second_interrupt_exits()
+        kept = newest_epoch(run_dir) if "://" not in cfg.storage_path else None
+        if kept == 0 and forget_unstarted_run(run_dir, cfg.storage_path):
+            raise Interrupted("interrupted before the first epoch ended; nothing was kept (the "
+                              "run folder is removed)") from None
+        raise Interrupted(
+            "interrupted; the run's checkpoints are kept"
+            + (f" (newest: epoch {kept})" if kept else "") + ". Continue it with "
+            f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`") from None
     except ray.train.TrainingFailedError as e:
         if not forget_unstarted_run(run_dir, cfg.storage_path):
             raise RunError(
@@ -830,6 +857,13 @@ def init_ray(address: str | None = None, min_cpus: int = 0) -> None:
         ray.init(address=address, configure_logging=False, **extra)
 
 
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def stream_cpus(cfg: TrainConfig) -> int:
     """CPUs a run needs: its workers', plus one for Ray Data when it streams."""
     from raycls.ingest import resolve_mode
@@ -866,7 +900,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         init_ray(args.address, min_cpus=stream_cpus(cfg))
-        summary = run_training(cfg, resume=args.resume)
+        summary = run_training(resolved, resume=args.resume)
+    except Interrupted as e:
+        shutdown_ray()  # this run's workers and, for a local Ray, every Ray process of it
+        print(f"[raycls] {e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except (RunError, DataError, CheckpointError, ConfigError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
