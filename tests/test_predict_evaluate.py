@@ -107,9 +107,10 @@ def test_predict_bad_inputs_are_one_line_errors(bundle_dir: Path, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith(f"error: {text}: not a recognised image") and err.count("\n") == 1
     assert cli_main(["predict", str(bundle_dir), str(tmp_path / "absent.png")]) == 1
-    assert "cannot be read" in capsys.readouterr().err
-    assert cli_main(["predict", str(tmp_path / "no-bundle"), str(text)]) == 1
-    assert "no such bundle directory" in capsys.readouterr().err
+    assert "absent.png: no such file or folder" in capsys.readouterr().err
+    assert cli_main(["predict", str(tmp_path / "no-bundle"), str(text)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: bundle={tmp_path / 'no-bundle'}: no such bundle directory")
 
 
 def test_predict_refuses_a_tampered_bundle(bundle_dir: Path, digits, tmp_path, capsys):
@@ -120,8 +121,89 @@ def test_predict_refuses_a_tampered_bundle(bundle_dir: Path, digits, tmp_path, c
     data[-10] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
     png = write_png(tmp_path / "x.png", digits.test.images[0])
-    assert cli_main(["predict", str(copy), str(png)]) == 1
+    assert cli_main(["predict", str(copy), str(png)]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raycls", "predict", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_predict_answers_every_good_file_and_names_every_bad_one(bundle_dir, digits, tmp_path):
+    """The issue's case through the real command: good.png is answered although notimg.txt and
+    an empty file are not; each bad one has an error entry and a stderr line; exit 1."""
+    good = write_png(tmp_path / "good.png", digits.test.images[0])
+    text = tmp_path / "notimg.txt"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    out = run_predict(str(bundle_dir), str(good), str(text), str(empty), "--json")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    answer = json.loads(out.stdout)
+    assert [r["filename"] for r in answer["results"]] == [str(good), str(text), str(empty)]
+    assert answer["results"][0]["predictions"][0]["label"] == str(int(digits.test.labels[0]))
+    assert answer["results"][1]["error"]["code"] == "not_an_image"
+    assert answer["results"][2]["error"] == {"code": "empty_image",
+                                             "message": "empty file (0 bytes); not an image"}
+    assert "predictions" not in answer  # only for a lone image, as the server answers
+    lines = out.stderr.splitlines()
+    assert lines == [f"error: {text}: {answer['results'][1]['error']['message']}",
+                     f"error: {empty}: empty file (0 bytes); not an image"]
+    assert "body" not in out.stderr  # words for a file, not for an HTTP request
+
+
+def test_predict_top_k_follows_the_server_rule(bundle_dir, digits, tmp_path):
+    from raycls.bundle import resolve_top_k
+
+    png = write_png(tmp_path / "x.png", digits.test.images[0])
+    out = run_predict(str(bundle_dir), str(png), "--top-k", "50")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stdout == ""
+    assert out.stderr.startswith("error: top_k=50: out of range: use 1..10")
+    assert out.stderr.count("\n") == 1
+    # the rule itself: the default is capped by the classes, an asked value must fit them
+    assert resolve_top_k(None, 10) == 5 and resolve_top_k(None, 2) == 2
+    assert resolve_top_k(10, 10) == 10
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=rf"top_k={bad}: out of range: use 1\.\.10"):
+            resolve_top_k(bad, 10)
+
+
+def test_predict_takes_folders_like_the_client(bundle_dir, digits, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("client", REPO / "serve" / "client.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    from raycls.predict import IMAGE_SUFFIXES
+
+    assert IMAGE_SUFFIXES == client.IMAGE_SUFFIXES
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    files = [write_png(folder / "b.png", digits.test.images[1]),
+             write_png(folder / "sub" / "a.PNG", digits.test.images[2])]
+    (folder / "readme.txt").write_text("skipped: not an image suffix")
+    assert cli_main(["predict", str(bundle_dir), str(folder), "--json"]) == 0
+    answer = last_json_line(capsys.readouterr().out)
+    assert [r["filename"] for r in answer["results"]] == [str(f) for f in sorted(files)]
+    assert [str(f) for f in client.collect_images([str(folder)])] == [
+        r["filename"] for r in answer["results"]]
+    (tmp_path / "none").mkdir()
+    assert cli_main(["predict", str(bundle_dir), str(tmp_path / "none")]) == 1
+    assert "folder holds no image files" in capsys.readouterr().err
+
+
+def test_predict_answer_has_the_server_shape(bundle_dir, digits, tmp_path, capsys):
+    """The keys and types of /v1/classify's answer (raycls.serving.http's response models)."""
+    from raycls.serving.http import ClassifyAnswer, ImageResult
+
+    png = write_png(tmp_path / "x.png", digits.test.images[0])
+    assert cli_main(["predict", str(bundle_dir), str(png), "--json"]) == 0
+    answer = last_json_line(capsys.readouterr().out)
+    assert set(answer) == set(ClassifyAnswer.model_fields)  # model, predictions, results
+    assert set(answer["results"][0]) == set(ImageResult.model_fields)  # filename, predictions
+    assert ClassifyAnswer.model_validate(answer).model_dump() == answer
+    assert answer["predictions"] == answer["results"][0]["predictions"]
 
 
 def test_predict_needs_no_torch(bundle_dir: Path, digits, tmp_path):
