@@ -809,9 +809,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--paths-on-cluster", action="store_true",
         help="do not check the absolute bundle and key-file paths in Serve `args` on this "
-             "machine (they exist only on the cluster the config is deployed to). Default: off, "
-             "a missing absolute path is an error; relative paths are never checked (they "
-             "resolve on the cluster) and KubeRay's embedded Serve configs never (their paths "
+             "machine (they exist only on the cluster the config is deployed to). (default: "
+             "off: a missing absolute path is an error; relative paths are never checked, they "
+             "resolve on the cluster, nor the paths of KubeRay's embedded Serve configs, which "
              "are in the pods)",
     )  # fmt: skip
 
