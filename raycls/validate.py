@@ -797,7 +797,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "schemas, misspelled keys, raycls.deploy arguments (parsed exactly as `serve run` "
         "parses them), bundle paths, GPU counts and a security lint. Exit status: 0 when no "
         "file has errors (warnings and notes are printed only), 1 when one has, 2 when a path "
-        "does not exist."
+        "does not exist or a folder holds no config."
     )
     parser.add_argument(
         "paths", nargs="*", metavar="PATH",
