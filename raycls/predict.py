@@ -25,7 +25,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 BATCH_SIZE = 64  # images per onnxruntime call
 
 
-def collect_images(paths: list[str]) -> list[tuple[str, dict[str, str] | None]]:
+class ArgumentError(ValueError):
+    """A command-line value that cannot work (`field=value: why`), found before any image."""
+
+
+def collect_images(paths: list[str | Path]) -> list[tuple[str, dict[str, str] | None]]:
     """(path, None) per image file, in the order given, folders expanded to their image files
     (sorted, recursive, like serve/client.py); (path, error) for a path that yields none."""
     out: list[tuple[str, dict[str, str] | None]] = []
@@ -55,17 +59,21 @@ def read_image(bundle: Any, path: str) -> np.ndarray:
 
 
 def predict_files(
-    bundle_path: str | Path, paths: list[str], top_k: int | None = None, int8: bool = False
+    bundle_path: str | Path, paths: list[str | Path], top_k: int | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """The server's answer for these files: {"model", "results": [{"filename", "predictions":
     [{"label", "index", "probability"}]} or {"filename", "error": {"code", "message"}}]}, and
     "predictions" when exactly one image was given and classified.
 
-    Raises BundleError for the bundle and ValueError for a top_k outside 1..classes (before any
-    image is read); a bad image is an error entry, the others are still answered.
+    Raises BundleError for the bundle and ArgumentError for a top_k outside 1..classes (before
+    any image is read); a bad image is an error entry, the others are still answered.
     """
     bundle = load_bundle(bundle_path, int8=int8)
-    k = resolve_top_k(top_k, len(bundle.classes))
+    try:
+        k = resolve_top_k(top_k, len(bundle.classes))
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     results: list[dict[str, Any]] = []
     pending: list[tuple[int, np.ndarray]] = []  # (index in results, image) not yet predicted
 
@@ -144,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         why = str(e).removeprefix(f"{Path(args.bundle)}: ")
         print(f"error: bundle={args.bundle}: {why}", file=sys.stderr)
         return 2
-    except ValueError as e:  # the top_k rule
+    except ArgumentError as e:  # the top_k rule
         print(f"error: {e}; or leave --top-k out (default {DEFAULT_TOP_K}, capped at the "
               "model's classes)", file=sys.stderr)
         return 2
