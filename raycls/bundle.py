@@ -287,6 +287,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+DEFAULT_TOP_K = 5  # classes per answer when none is asked for (predict; the server's top_k=)
+
+
+def resolve_top_k(top_k: int | None, num_classes: int, default: int = DEFAULT_TOP_K) -> int:
+    """The one top_k rule of `raycls predict` and the server's /v1 classify: none asked means
+    `default` capped at the model's classes (a 2-class model answers 2); an asked top_k must be
+    in 1..num_classes, else ValueError (the server answers it with 422)."""
+    if top_k is None:
+        return max(1, min(default, num_classes))
+    if not 1 <= top_k <= num_classes:
+        raise ValueError(f"top_k={top_k}: out of range: use 1..{num_classes} (the model's classes)")
+    return top_k
+
+
 @dataclass
 class Bundle:
     path: Path

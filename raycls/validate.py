@@ -8,13 +8,21 @@ mistakes on a laptop, with no cloud credentials and no running Ray:
   the `head_node_type` / `min_workers` rules), plus per-node-type `min_workers <= max_workers`,
   which Ray does not check.
 - Serve config files (`serve deploy`): Serve's pydantic schemas, unknown keys at every level with
-  a "did you mean", and autoscaling bounds.
+  a "did you mean", and autoscaling bounds. For raycls's own app, `args` go through
+  `raycls.serving.parse_args`, the parser `serve run` / `serve deploy` use, so a value they refuse
+  is refused here; absolute bundle and key paths must exist on this machine (relative ones
+  resolve on the cluster and get a note; `--paths-on-cluster` skips the check); `args.num_gpus`
+  must agree with the Classifier's `ray_actor_options` (which replace the builder's).
 - KubeRay manifests (`RayCluster`, `RayJob`, `RayService`): the fields that matter (kinds, Ray
-  version against the pin, worker group bounds, the RayJob entrypoint, the embedded Serve config).
-- A security lint on all of them: no public ingress to the dashboard/Jobs API (8265), GCS (6379),
-  Ray Client (10001) or Serve (8000), token authentication on, no `:latest` images.
+  version against the pin, worker group bounds, the RayJob entrypoint, the embedded Serve config,
+  whose paths are the pods' and are not checked).
+- A security lint on all of them: no public ingress to the dashboard/Jobs API (8265), GCS (6379)
+  or Ray Client (10001), which each give code execution on the cluster, nor to Serve (8000),
+  which gives the model (free classification, large bodies) to anyone; a raycls app on a
+  non-local host needs API keys; token authentication on; no `:latest` images.
 
-Every problem names the file, the key and the fix. Warnings are printed but do not fail.
+Every problem names the file, the key and the fix. Errors fail (exit 1); warnings and notes are
+printed only. A folder argument is searched recursively for .yaml/.yml files.
 """
 
 from __future__ import annotations
@@ -33,9 +41,6 @@ from typing import Any
 
 import yaml
 
-# Ports that let whoever reaches them run code or read data: dashboard + Jobs API, GCS,
-# Ray Client, Serve HTTP (no auth). They must never face 0.0.0.0/0.
-SENSITIVE_PORTS = {8265: "dashboard/Jobs API", 6379: "GCS", 10001: "Ray Client", 8000: "Serve HTTP"}
 PUBLIC_CIDRS = ("0.0.0.0/0", "::/0")
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +56,34 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.level}: {self.file}: {self.key}: {self.message} (fix: {self.fix})"
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port that must never face 0.0.0.0/0, and precisely what reaching it gives."""
+
+    name: str
+    exposure: str  # what anyone who reaches the port can do
+    fix: str
+
+
+# The first three give code execution on the cluster; Serve's port gives the model, not the
+# cluster (it runs no submitted code), but an open model is still free compute and a DoS target.
+SENSITIVE_PORTS = {
+    8265: Port("dashboard/Jobs API", "can submit jobs, i.e. run any code on the cluster, and "
+               "read its logs", "remove the rule and use `ray dashboard cluster/config.yaml` "
+               "(SSH tunnel), or restrict CidrIp to your own network"),
+    6379: Port("GCS", "can join or drive the cluster, i.e. run code on it", "remove the rule: "
+               "only the cluster's own nodes talk to the GCS (keep it inside the VPC)"),
+    10001: Port("Ray Client", "can connect a driver (`ray.init(\"ray://...\")`), i.e. run code "
+                "on the cluster", "remove the rule and tunnel over SSH, or restrict CidrIp to "
+                "your own network"),
+    8000: Port("Serve HTTP", "can call the model: classify images, read its metadata and send "
+               "large request bodies that cost CPU and memory (without API keys, nothing stops "
+               "them); it does not give code execution on the cluster",
+               "restrict CidrIp to the clients' network or put an authenticated gateway (TLS) "
+               "in front, and set args.api_key_file"),
+}
 
 
 def ray_version_pin() -> str:
@@ -142,13 +175,12 @@ def _lint_cluster_security(cfg: dict, file: str, pin: str) -> list[Problem]:
         if not _is_public_ingress(rule):
             continue
         for port in _exposed_ports(rule):
+            info = SENSITIVE_PORTS[port]
             problems.append(
                 Problem(
                     file, f"provider.security_group.IpPermissions[{i}]",
-                    f"opens port {port} ({SENSITIVE_PORTS[port]}) to the internet: anyone who "
-                    "reaches it can run code on the cluster",
-                    "remove the rule and use `ray dashboard cluster/config.yaml` (SSH tunnel), "
-                    "or restrict CidrIp to your own network",
+                    f"opens port {port} ({info.name}) to the internet: anyone who reaches it "
+                    f"{info.exposure}", info.fix,
                 )
             )
 
@@ -307,10 +339,112 @@ def _unknown_serve_keys(data: Any, model: type, file: str, prefix: str) -> list[
     return problems
 
 
-def _raycls_app_problems(app: dict, file: str, app_key: str) -> list[Problem]:
-    """For raycls's own application: `args` keys are ServeArgs fields and deployment names exist
-    (Serve would fail at deploy time, on the cluster, for either)."""
-    if app.get("import_path") not in ("raycls.deploy", "raycls:deploy"):
+RAYCLS_IMPORT_PATHS = ("raycls.deploy", "raycls:deploy")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# ServeArgs fields that name files or folders, checked on this machine when absolute
+PATH_ARGS = ("model", "models", "models_root", "api_key_file")
+
+
+def _args_problems(args: dict, file: str, key: str) -> list[Problem]:
+    """`args` through the parser `serve run` / `serve deploy` use (raycls.serving.parse_args),
+    so a value raycls.deploy refuses is refused here. The parser stops at the first bad value:
+    the keys it names are set aside and the rest parsed again, so every bad value is listed."""
+    from raycls.serving.args import ServeConfigError, parse_args
+
+    problems, left = [], dict(args)
+    while left:
+        try:
+            parse_args(left)
+            break
+        except ServeConfigError as e:
+            message = str(e)
+            named = [k for k in left if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message)]
+            where = ", ".join(_join(key, f"args.{k}") for k in named) or _join(key, "args")
+            problems.append(Problem(file, where, message, "see `args:` in serve/config.yaml "
+                                    "and docs/cli-serve.md for each argument's type and range"))
+            if not named:
+                break
+            for k in named:
+                left.pop(k)
+    return problems
+
+
+def _path_problems(args: dict, file: str, key: str) -> list[Problem]:
+    """Bundle and key-file paths of `args`. An absolute path is checked on this machine (a
+    missing one is an error); a relative one only gets a note: it resolves on the cluster."""
+    from raycls import bundle as bundle_lib
+
+    used = [k for k in PATH_ARGS if isinstance(args.get(k), str) and args[k].strip()]
+    if "models_root" in used and (args.get("model") or args.get("models")):
+        used.remove("models_root")  # only read when neither model nor models is given
+    problems = []
+    for name in used:
+        value, where = args[name], _join(key, f"args.{name}")
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            problems.append(Problem(
+                file, where, f"{name}={value} is relative: not checked here; it resolves on "
+                "the cluster (for `serve deploy`, in the working directory of the head node's "
+                "`ray start`), not against this file", "use an absolute path to be sure which "
+                "file is served", "note",
+            ))  # fmt: skip
+            continue
+        if name == "api_key_file":
+            ok, why = path.is_file(), "no such key file on this machine"
+        elif name == "model":
+            ok, why = path.is_dir(), "no such bundle directory on this machine"
+            if ok:
+                try:
+                    bundle_lib.read_bundle_meta(path)
+                except bundle_lib.BundleError as e:
+                    ok, why = False, f"not a usable bundle: {e}"
+        else:
+            ok, why = path.is_dir(), "no such folder on this machine"
+        if not ok:
+            problems.append(Problem(
+                file, where, f"{name}={value}: {why}", "export a bundle there (`raycls export "
+                "RUN_DIR --output PATH`) or fix the path; if the path exists only on the "
+                "cluster, pass --paths-on-cluster",
+            ))  # fmt: skip
+    return problems
+
+
+def _gpu_problems(app: dict, file: str, key: str) -> list[Problem]:
+    """args.num_gpus against the Classifier's ray_actor_options: a deployment's
+    ray_actor_options in the file replace the builder's whole (Serve's override rule), so
+    `num_gpus` left out there means 0 GPUs, whatever args.num_gpus says."""
+    args = app.get("args") or {}
+    try:
+        wanted = float(args.get("num_gpus", 0) or 0)
+    except (TypeError, ValueError):
+        return []  # a bad number is the parser's error
+    problems = []
+    for d, dep in enumerate(app.get("deployments") or []):
+        if not isinstance(dep, dict) or not isinstance(dep.get("ray_actor_options"), dict):
+            continue
+        given = dep["ray_actor_options"].get("num_gpus", 0) or 0
+        name, where = dep.get("name"), _join(_join(key, "deployments"), d)
+        if name == "Classifier" and isinstance(given, int | float) and given != wanted:
+            problems.append(Problem(
+                file, f"{where}.ray_actor_options.num_gpus",
+                f"Classifier replicas get {given:g} GPUs here but args.num_gpus={wanted:g} "
+                "(these ray_actor_options replace the builder's, so this value wins)",
+                "set both to the same number", "warning",
+            ))  # fmt: skip
+        elif name == "Ingress" and isinstance(given, int | float) and given > 0:
+            problems.append(Problem(
+                file, f"{where}.ray_actor_options.num_gpus",
+                f"Ingress replicas reserve {given:g} GPUs; they decode on the CPU (the model "
+                "runs on GPUs only in the Classifier, with args.num_gpus)",
+                "remove num_gpus from the Ingress and set args.num_gpus", "warning",
+            ))  # fmt: skip
+    return problems
+
+
+def _raycls_app_problems(app: dict, file: str, app_key: str, check_paths: bool) -> list[Problem]:
+    """For raycls's own application: `args` parsed as `serve run` parses them, deployment names
+    that exist, paths, GPU counts (Serve would fail, or silently differ, on the cluster)."""
+    if app.get("import_path") not in RAYCLS_IMPORT_PATHS:
         return []
     try:  # imports Ray Serve and onnxruntime; a config check must not need them to work
         import dataclasses
@@ -322,10 +456,19 @@ def _raycls_app_problems(app: dict, file: str, app_key: str) -> list[Problem]:
         return []
     problems = []
     fields = [f.name for f in dataclasses.fields(serving.ServeArgs)]
-    for key in app.get("args") or {}:
+    args = app.get("args") or {}
+    if not isinstance(args, dict):
+        return [Problem(file, _join(app_key, "args"), "args must be a mapping of key: value",
+                        "see serve/config.yaml")]
+    for key in args:
         if key not in fields:
             problems.append(Problem(file, _join(app_key, f"args.{key}"),
                                     "unknown raycls.deploy argument", _suggest(key, fields)))
+    known = {k: v for k, v in args.items() if k in fields}
+    problems += _args_problems(known, file, app_key)
+    if check_paths:
+        problems += _path_problems(known, file, app_key)
+    problems += _gpu_problems(app, file, app_key)
     names = [d.name for d in vars(serving).values() if isinstance(d, serve.Deployment)]
     for d, dep in enumerate(app.get("deployments") or []):
         name = (dep or {}).get("name")
@@ -336,8 +479,32 @@ def _raycls_app_problems(app: dict, file: str, app_key: str) -> list[Problem]:
     return problems
 
 
-def validate_serve_config(cfg: dict, file: str, prefix: str = "") -> list[Problem]:
-    """A Serve config file: multi-app (`applications:`) or a single application."""
+def _host_problems(cfg: dict, app: dict, file: str, app_key: str) -> list[Problem]:
+    """A raycls app on a non-local HTTP host without API keys. A Serve config file without
+    `http_options.host` listens on 0.0.0.0 (ray.serve.schema.HTTPOptionsSchema's default)."""
+    if app.get("import_path") not in RAYCLS_IMPORT_PATHS:
+        return []
+    http = cfg.get("http_options") or {}
+    host = str(http.get("host", "0.0.0.0"))
+    args = app.get("args") or {}
+    if host in LOCAL_HOSTS or (isinstance(args, dict) and args.get("api_key_file")):
+        return []
+    given = "" if "host" in http else ", Serve's default when http_options.host is missing"
+    return [Problem(
+        file, _join(app_key, "args"),
+        f"raycls listens on {host}{given}, without API keys: anyone who reaches the port can "
+        "call the model (classify, send large bodies)",
+        "set args.api_key_file (keys one a line; or $RAYCLS_API_KEY_FILE on the cluster), or "
+        "set http_options.host: 127.0.0.1 and put a gateway in front", "warning",
+    )]  # fmt: skip
+
+
+def validate_serve_config(
+    cfg: dict, file: str, prefix: str = "", check_paths: bool = True
+) -> list[Problem]:
+    """A Serve config file: multi-app (`applications:`) or a single application. `check_paths`:
+    absolute bundle and key paths must exist on this machine (off for a RayService's embedded
+    config, whose paths live in the pods, and with --paths-on-cluster)."""
     from pydantic import ValidationError
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
@@ -358,19 +525,8 @@ def validate_serve_config(cfg: dict, file: str, prefix: str = "") -> list[Proble
     for a, app in enumerate(apps if isinstance(apps, list) else []):
         app_key = _join(_join(prefix, "applications"), a) if model is ServeDeploySchema else prefix
         if isinstance(app, dict):
-            problems += _raycls_app_problems(app, file, app_key)
-            host = str(((cfg.get("http_options") or {}) if isinstance(cfg, dict) else {})
-                       .get("host", "0.0.0.0"))  # fmt: skip
-            args = app.get("args") or {}
-            if (app.get("import_path") in ("raycls.deploy", "raycls:deploy")
-                    and host not in ("127.0.0.1", "localhost", "::1")
-                    and not (isinstance(args, dict) and args.get("api_key_file"))):  # fmt: skip
-                problems.append(Problem(
-                    file, _join(app_key, "args"),
-                    f"raycls is bound to {host} without API keys (anyone reaching it can classify)",
-                    "set args.api_key_file (keys one a line) or $RAYCLS_API_KEY_FILE on the "
-                    "cluster, or keep http_options.host at 127.0.0.1 behind a gateway", "warning",
-                ))  # fmt: skip
+            problems += _raycls_app_problems(app, file, app_key, check_paths)
+            problems += _host_problems(cfg, app, file, app_key)
         for d, dep in enumerate((app or {}).get("deployments") or []):
             dep_key = _join(_join(app_key, "deployments"), d)
             auto = (dep or {}).get("autoscaling_config")
@@ -439,11 +595,14 @@ def _validate_raycluster_spec(spec: dict, file: str, prefix: str, pin: str) -> l
         head = {}
     if head.get("serviceType") in ("LoadBalancer", "NodePort"):
         problems.append(Problem(file, _join(prefix, "headGroupSpec.serviceType"),
-                                f"{head['serviceType']} exposes 8265/6379/10001 outside the "
-                                "cluster", "use ClusterIP and `kubectl port-forward`"))
+                                f"{head['serviceType']} exposes the head's 8265 (Jobs API), "
+                                "6379 (GCS) and 10001 (Ray Client) outside the cluster: anyone "
+                                "who reaches them can run code on it",
+                                "use ClusterIP and `kubectl port-forward`"))
     if head.get("enableIngress"):
         problems.append(Problem(file, _join(prefix, "headGroupSpec.enableIngress"),
-                                "an Ingress publishes the dashboard/Jobs API",
+                                "an Ingress publishes the dashboard/Jobs API: anyone who "
+                                "reaches it can submit jobs, i.e. run code on the cluster",
                                 "remove enableIngress; use `kubectl port-forward`"))
 
     groups = spec.get("workerGroupSpecs") or []
@@ -498,13 +657,17 @@ def _lint_k8s_exposure(doc: dict, file: str) -> list[Problem]:
     spec = doc.get("spec") or {}
     if doc.get("kind") != "Service" or spec.get("type") not in ("LoadBalancer", "NodePort"):
         return []
-    return [
-        Problem(file, f"spec.ports[{i}]", f"{spec['type']} Service publishes port "
-                f"{p.get('port')} ({SENSITIVE_PORTS[p.get('port')]})",
-                "use ClusterIP and `kubectl port-forward`, or an authenticated gateway")
-        for i, p in enumerate(spec.get("ports") or [])
-        if p.get("port") in SENSITIVE_PORTS or p.get("targetPort") in SENSITIVE_PORTS
-    ]
+    problems = []
+    for i, p in enumerate(spec.get("ports") or []):
+        port = next((x for x in (p.get("targetPort"), p.get("port")) if x in SENSITIVE_PORTS), None)
+        if port is not None:
+            info = SENSITIVE_PORTS[port]
+            problems.append(Problem(
+                file, f"spec.ports[{i}]", f"{spec['type']} Service publishes port {p.get('port')}"
+                f" ({info.name}, port {port}): anyone who reaches it {info.exposure}",
+                "use ClusterIP and `kubectl port-forward`, or an authenticated gateway",
+            ))  # fmt: skip
+    return problems
 
 
 def validate_kuberay_manifest(doc: dict, file: str) -> list[Problem]:
@@ -548,7 +711,8 @@ def validate_kuberay_manifest(doc: dict, file: str) -> list[Problem]:
             except yaml.YAMLError as e:
                 return problems + [Problem(file, "spec.serveConfigV2", f"bad YAML: {e}",
                                            "fix the embedded YAML")]
-            problems += validate_serve_config(serve_cfg or {}, file, "spec.serveConfigV2")
+            problems += validate_serve_config(serve_cfg or {}, file, "spec.serveConfigV2",
+                                              check_paths=False)  # paths in the pods
     return problems
 
 
@@ -567,8 +731,9 @@ def config_kind(doc: Any) -> str:
     return ""
 
 
-def validate_file(path: str | Path) -> list[Problem]:
-    """Every problem found in one YAML file (several documents allowed for Kubernetes)."""
+def validate_file(path: str | Path, check_paths: bool = True) -> list[Problem]:
+    """Every problem found in one YAML file (several documents allowed for Kubernetes);
+    `check_paths=False` leaves the Serve args' absolute paths unchecked (--paths-on-cluster)."""
     path = Path(path)
     file = str(path)
     try:
@@ -586,7 +751,7 @@ def validate_file(path: str | Path) -> list[Problem]:
         if kind == "cluster":
             problems += validate_cluster_config(doc, where)
         elif kind == "serve":
-            problems += validate_serve_config(doc, where)
+            problems += validate_serve_config(doc, where, check_paths=check_paths)
         elif kind == "kuberay":
             problems += validate_kuberay_manifest(doc, where)
         else:
@@ -604,22 +769,77 @@ def shipped_configs(root: Path = REPO_ROOT) -> list[Path]:
     return [p for p in found if p.is_file()]
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def configs_in(folder: Path) -> list[Path]:
+    """Every .yaml/.yml file under `folder`, recursively, sorted; hidden folders and files
+    (.git, .github, ...) are skipped."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in YAML_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )  # fmt: skip
+
+
+def is_config_file(path: Path) -> bool:
+    """Whether any document of a YAML file looks like a cluster, Serve or Kubernetes config
+    (files in a folder that are not, like CI workflows, are skipped rather than failed)."""
+    try:
+        return any(config_kind(d) for d in yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError):
+        return True  # unreadable or broken YAML: validate_file reports it
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", metavar="FILE",
-                        help="YAML files to check (default: cluster/*.yaml, "
-                             "cluster/kuberay/*.yaml and serve/*config*.yaml of this project)")
+    parser.description = (
+        "Check Ray cluster (`ray up`), Serve (`serve deploy`) and KubeRay configs offline: "
+        "schemas, misspelled keys, raycls.deploy arguments (parsed exactly as `serve run` "
+        "parses them), bundle paths, GPU counts and a security lint. Exit status: 0 when no "
+        "file has errors (warnings and notes are printed only), 1 when one has, 2 when a path "
+        "does not exist or a folder holds no config."
+    )
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH",
+        help="YAML files, or folders: every .yaml/.yml file under a folder, recursively "
+             "(hidden folders skipped; files that are no Ray cluster, Serve or KubeRay config "
+             "are listed as skipped). Default: this project's cluster/*.yaml, "
+             "cluster/kuberay/*.yaml and serve/*config*.yaml",
+    )  # fmt: skip
+    parser.add_argument(
+        "--paths-on-cluster", action="store_true",
+        help="do not check the absolute bundle and key-file paths in Serve `args` on this "
+             "machine (they exist only on the cluster the config is deployed to). (default: "
+             "off: a missing absolute path is an error; relative paths are never checked, they "
+             "resolve on the cluster, nor the paths of KubeRay's embedded Serve configs, which "
+             "are in the pods)",
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.paths] or shipped_configs()
-    missing = [str(p) for p in paths if not p.is_file()]
+    given = [Path(p) for p in args.paths]
+    missing = [str(p) for p in given if not p.exists()]
     if missing:
-        print(f"error: no such file: {', '.join(missing)} (give paths to YAML files)",
-              file=sys.stderr)
+        print(f"error: paths={', '.join(missing)}: no such file or folder; give YAML files or "
+              "folders of them", file=sys.stderr)
         return 2
+    paths: list[Path] = []
+    for p in given or shipped_configs():
+        if not p.is_dir():
+            paths.append(p)
+            continue
+        found = configs_in(p)
+        skipped = [f for f in found if not is_config_file(f)]
+        for f in skipped:
+            print(f"skipped: {f} (not a Ray cluster, Serve or KubeRay config)")
+        if len(found) == len(skipped):
+            print(f"error: paths={p}: no Ray cluster, Serve or KubeRay config "
+                  f"({'/'.join(YAML_SUFFIXES)}) under this folder", file=sys.stderr)
+            return 2
+        paths += [f for f in found if f not in skipped]
     failed = False
     for path in paths:
-        problems = validate_file(path)
+        problems = validate_file(path, check_paths=not args.paths_on_cluster)
         for problem in problems:
             print(problem, file=sys.stderr)
         errors = [p for p in problems if p.level == "error"]

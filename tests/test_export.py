@@ -63,7 +63,7 @@ def train_digits_checkpoint(directory: Path, steps: int = 60, width: int = 4) ->
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
+    d = tmp_path_factory.mktemp("ckpt") / "checkpoint_2026-12-02_07-11-10.591943"  # Ray's naming
     train_digits_checkpoint(d)
     return d
 
@@ -223,6 +223,35 @@ def test_int8_dropped_when_outside_the_accuracy_limit(
     assert INT8_MODEL_FILE not in meta["sha256"] and not (out / INT8_MODEL_FILE).exists()
     assert any(line.startswith("INT8 model dropped") for line in lines)
     assert any(line.startswith("warning: ONNX test accuracy differs") for line in lines)
+
+
+def test_export_of_a_checkpoint_folder_records_the_runs_test_acc(
+    checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """docs/cli-export.md's second example: a checkpoint folder of a run (Ray Train names them
+    checkpoint_<timestamp>) gets the test_acc of result.json one folder up, so evaluate prints
+    its gap line; a checkpoint the run did not measure gets none, and export says why."""
+    import shutil
+
+    run = tmp_path / "runs" / "digits-run"
+    best = Path(shutil.copytree(checkpoint, run / "checkpoint_2026-12-02_07-11-10.591943"))
+    other = Path(shutil.copytree(checkpoint, run / "checkpoint_2026-12-02_07-11-10.253328"))
+    # the run was trained elsewhere and moved: result.json's path is stale, the name is not
+    (run / "result.json").write_text(json.dumps(
+        {"checkpoint": f"/elsewhere/runs/digits-run/{best.name}", "test_acc": 0.4242,
+         "val_acc": 0.41}))  # fmt: skip
+    assert resolve_checkpoint(best)[1]["test_acc"] == 0.4242
+    assert resolve_checkpoint(other)[1] is None
+    out = tmp_path / "models" / "m"
+    assert cli_main(["export", str(best), "-o", str(out)]) == 0
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["metrics"]["test_acc"] == 0.4242 and meta["metrics"]["val_acc"] == 0.41
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(out), "--output-dir", str(tmp_path / "r")]) == 0
+    assert "training test_acc 0.4242 (measured " in capsys.readouterr().out
+    lines: list[str] = []
+    export_bundle(other, tmp_path / "models" / "o", log=lines.append)
+    assert any(line.startswith("note: ") and "not of this one" in line for line in lines)
 
 
 def test_resolve_checkpoint_errors_are_clear(checkpoint: Path, tmp_path: Path) -> None:

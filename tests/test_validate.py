@@ -20,6 +20,7 @@ CLUSTER = REPO / "cluster" / "config.yaml"
 RAYCLUSTER = REPO / "cluster" / "kuberay" / "raycluster.yaml"
 RAYJOB = REPO / "cluster" / "kuberay" / "rayjob.yaml"
 RAYSERVICE = REPO / "cluster" / "kuberay" / "rayservice.yaml"
+SERVE_FILE = REPO / "serve" / "config.yaml"
 
 SERVE_CONFIG = {  # a small Serve config of our own, independent of serve/config.yaml
     "applications": [
@@ -66,7 +67,7 @@ def test_every_shipped_config_validates_clean():
         names
     )
     for path in files:
-        problems = validate_file(path)
+        problems = [p for p in validate_file(path) if p.level != "note"]
         assert problems == [], "\n".join(map(str, problems))  # no errors, no warnings
 
 
@@ -74,7 +75,7 @@ def test_shipped_serve_config_validates_when_present():
     path = REPO / "serve" / "config.yaml"
     if not path.is_file():
         pytest.skip("serve/config.yaml is not written yet")
-    assert validate_file(path) == []
+    assert [p for p in validate_file(path) if p.level != "note"] == []
 
 
 def test_cluster_config_has_the_required_shape():
@@ -183,7 +184,22 @@ def test_cluster_public_dashboard_ingress(tmp_path, rule):
     def edit(c):
         c["provider"]["security_group"]["IpPermissions"] = [rule]
 
-    assert_rejected(broken(tmp_path, CLUSTER, edit), "IpPermissions[0]", "8265", "internet")
+    assert_rejected(broken(tmp_path, CLUSTER, edit), "IpPermissions[0]", "8265", "internet",
+                    "run any code")
+
+
+def test_cluster_public_serve_port_says_what_it_exposes(tmp_path):
+    """Port 8000 gives the model, not the cluster: the message says so (and 8265's does not)."""
+    def edit(c):
+        c["provider"]["security_group"]["IpPermissions"] = [
+            {"FromPort": 8000, "ToPort": 8000, "IpProtocol": "tcp",
+             "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+        ]
+
+    problems = broken(tmp_path, CLUSTER, edit)
+    assert_rejected(problems, "IpPermissions[0]", "8000 (Serve HTTP)", "call the model",
+                    "does not give code execution", "api_key_file")
+    assert not any("run any code" in str(p) or "run code" in p.message for p in problems)
 
 
 def test_cluster_private_ingress_is_fine(tmp_path):
@@ -305,6 +321,78 @@ def test_serve_raycls_unknown_deployment(tmp_path):
 
     assert_rejected(broken(tmp_path, SERVE_CONFIG, edit), "deployments[0].name", "Model",
                     "Ingress")
+
+
+def raycls_args(**changes) -> Callable[[dict], None]:
+    """An edit of serve/config.yaml's raycls app: `args` updated with `changes`."""
+    def edit(c):
+        c["applications"][0]["args"].update(changes)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "words"),
+    [
+        ({"max_batch_size": "lots"}, "args.max_batch_size", ("lots", "whole number")),
+        ({"top_k": 0}, "args.top_k", ("top_k", "at least 1")),
+        ({"split": "maybe"}, "args.split", ("maybe", "true or false")),
+        ({"model": "/nope"}, "args.model", ("/nope", "no such bundle directory")),
+        ({"api_key_file": "/nope/keys"}, "args.api_key_file", ("no such key file",)),
+    ],
+)
+def test_serve_raycls_args_use_the_serve_run_parser(tmp_path, changes, key, words):
+    assert_rejected(broken(tmp_path, SERVE_FILE, raycls_args(**changes)), key, *words)
+
+
+def test_serve_raycls_args_every_bad_value_is_listed(tmp_path):
+    problems = broken(tmp_path, SERVE_FILE, raycls_args(max_batch_size="lots", top_k=0))
+    assert {p.key.rsplit(".", 1)[-1] for p in problems} == {"max_batch_size", "top_k"}
+
+
+def test_serve_model_that_is_no_bundle(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_rejected(broken(tmp_path, SERVE_FILE, raycls_args(model=str(tmp_path / "empty"))),
+                    "args.model", "not a usable bundle", "bundle.json")
+
+
+def test_serve_relative_paths_are_a_note_and_cluster_paths_can_be_skipped(tmp_path):
+    path = tmp_path / "c.yaml"
+    doc = yaml.safe_load(SERVE_FILE.read_text())
+    raycls_args(model="/on/the/cluster/only")(doc)
+    path.write_text(yaml.safe_dump(doc))
+    assert [p for p in validate_file(path, check_paths=False) if p.level != "note"] == []
+    raycls_args(model="models/digits")(doc)
+    path.write_text(yaml.safe_dump(doc))
+    (note,) = validate_file(path)
+    assert note.level == "note" and note.key.endswith("args.model")
+    assert "relative" in note.message and "resolves on the cluster" in note.message
+
+
+@pytest.mark.parametrize("http", [{"host": "0.0.0.0", "port": 8000}, {"port": 8000}])
+def test_serve_public_host_without_api_keys_is_a_warning(tmp_path, http):
+    path = tmp_path / "c.yaml"
+    doc = yaml.safe_load(SERVE_FILE.read_text())
+    doc["http_options"] = http
+    path.write_text(yaml.safe_dump(doc))
+    warnings = [p for p in validate_file(path) if p.level == "warning"]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0].message
+    assert "api_key_file" in warnings[0].fix
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    raycls_args(api_key_file=str(keys))(doc)
+    path.write_text(yaml.safe_dump(doc))
+    assert [p for p in validate_file(path) if p.level != "note"] == []
+
+
+def test_serve_num_gpus_disagreement_is_a_warning(tmp_path):
+    path = tmp_path / "c.yaml"
+    doc = yaml.safe_load(SERVE_FILE.read_text())
+    raycls_args(num_gpus=1)(doc)  # the Classifier's ray_actor_options still say num_gpus: 0
+    path.write_text(yaml.safe_dump(doc))
+    (warning,) = [p for p in validate_file(path) if p.level != "note"]
+    assert warning.level == "warning" and warning.key.endswith("ray_actor_options.num_gpus")
+    assert "args.num_gpus=1" in warning.message and "0 GPUs" in warning.message
 
 
 # --------------------------------------------------------------------------- KubeRay manifests
@@ -434,7 +522,8 @@ def test_cli_reports_broken_file_with_exit_1(tmp_path):
 
 def test_cli_missing_file_and_garbage(tmp_path):
     out = run_cli(str(tmp_path / "absent.yaml"))
-    assert out.returncode == 2 and out.stderr.startswith("error: no such file")
+    assert out.returncode == 2 and out.stderr.startswith("error: paths=")
+    assert "no such file or folder" in out.stderr
     junk = tmp_path / "junk.yaml"
     junk.write_text("a: [1, 2\n")
     out = run_cli(str(junk))
@@ -447,3 +536,40 @@ def test_dockerfile_uses_the_pinned_ray_image():
     dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
     base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
     assert base.startswith(f"rayproject/ray:{ray_version_pin()}."), base
+
+
+def test_cli_refuses_the_bad_serve_args_offline(tmp_path):
+    """The issue's config: every value `serve run` refuses is refused here, in seconds, named."""
+    doc = yaml.safe_load(SERVE_FILE.read_text())
+    raycls_args(max_batch_size="lots", top_k=0, split="maybe", model="/nope", num_gpus=1)(doc)
+    doc["http_options"]["host"] = "0.0.0.0"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = run_cli(str(path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    for field in ("max_batch_size", "top_k", "split", "model"):
+        assert f"error: {path}: applications[0].args.{field}: " in out.stderr, field
+    assert "warning: " in out.stderr and "0.0.0.0" in out.stderr and "num_gpus" in out.stderr
+
+
+def test_cli_validates_a_folder_recursively(tmp_path):
+    folder = tmp_path / "configs"
+    (folder / "serve").mkdir(parents=True)
+    (folder / ".github").mkdir()
+    (folder / ".github" / "ci.yaml").write_text("on: push\n")  # hidden: never read
+    (folder / "notes.yml").write_text("just: data\n")  # not a config: skipped, named
+    good = yaml.safe_load(SERVE_FILE.read_text())
+    raycls_args(model="models/digits")(good)
+    (folder / "serve" / "ok.yaml").write_text(yaml.safe_dump(good))
+    out = run_cli(str(folder))
+    assert out.returncode == 0, out.stderr
+    assert f"ok: {folder / 'serve' / 'ok.yaml'}" in out.stdout
+    assert f"skipped: {folder / 'notes.yml'}" in out.stdout and "ci.yaml" not in out.stdout
+    raycls_args(top_k=0)(good)
+    (folder / "serve" / "bad.yml").write_text(yaml.safe_dump(good))
+    out = run_cli(str(folder))
+    assert out.returncode == 1 and "bad.yml: applications[0].args.top_k" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run_cli(str(empty))
+    assert out.returncode == 2 and out.stderr.startswith(f"error: paths={empty}: ")
