@@ -19,9 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import click  # a dependency of Ray's own CLIs
 from ray import serve
 
-from raycls.serving.args import ServeArgs, parse_args, resolve_models, user_config_of
+from raycls.serving.args import (
+    ServeArgs,
+    ServeConfigError,
+    parse_args,
+    resolve_models,
+    user_config_of,
+)
 from raycls.serving.ingress import Ingress
 from raycls.serving.replica import Classifier
 
@@ -78,6 +85,32 @@ def build_app(args: ServeArgs, paths: dict[str, str], default: str) -> serve.App
 
 
 def deploy(args: dict[str, Any]) -> serve.Application:
-    """Application builder behind `serve run raycls.deploy key=value ...` (see ServeArgs)."""
-    resolved, paths, default = resolve_models(parse_args(args))
+    """Application builder behind `serve run raycls.deploy key=value ...` (see ServeArgs).
+
+    `serve run IMPORT_PATH` (a click command) calls this before it starts or joins Ray and prints
+    whatever it raises as a ~30-line traceback. Called from there, a bad argument or bundle is
+    instead one `error: field=value: why and the fix` line on stderr and exit status 2, through
+    click's own exception type, which `serve run` lets click report. Everywhere else (`serve
+    deploy`, where Serve's controller calls this, and Python callers) it is a ServeConfigError.
+    """
+    try:
+        resolved, paths, default = resolve_models(parse_args(args))
+    except ServeConfigError as e:
+        if _under_serve_run():
+            raise CommandLineError(str(e)) from None
+        raise
     return build_app(resolved, paths, default)
+
+
+def _under_serve_run() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.command.name == "run"
+
+
+class CommandLineError(click.ClickException):
+    """A ServeConfigError as `serve run` shows it: one `error: ...` line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=True)

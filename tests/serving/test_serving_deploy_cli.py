@@ -1,5 +1,6 @@
-"""`ray start` + `serve deploy serve/config.yaml` exactly as docs/cli-serve.md says (slow: it
-starts its own Ray head with the dashboard, which `serve deploy` talks to)."""
+"""The serving commands exactly as docs/cli-serve.md gives them: `serve run raycls.deploy` with bad
+arguments (fast: refused before Ray starts), and `ray start` + `serve deploy serve/config.yaml`
+(slow: it starts its own Ray head with the dashboard, which `serve deploy` talks to)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,46 @@ import yaml
 from bundles import png_bytes
 from conftest import FAST_ENV, SERVE_MODE, free_port, haproxy_port_env, wait_ready
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
+# `serve run raycls.deploy ARG` -> what the one error line must say (the field and the fix)
+BAD_RUNS = {
+    "topk=3": ["topk=3", "did you mean top_k?"],
+    "max_batch_size=lots": ["max_batch_size='lots'", "expected a whole number"],
+    "top_k=0": ["top_k=0", "must be at least 1"],
+    "model=/nonexistent": ["model='/nonexistent'", "no such bundle directory", "raycls export"],
+    "": ["models_root='models'", "no bundle found", "raycls train", "raycls export", "model=PATH"],
+}
 
+
+def test_serve_run_bad_arguments_are_one_line_without_ray(tmp_path):
+    """Each bad `serve run raycls.deploy` argument (and a bare one in a folder without models/):
+    one `error:` line naming the field and the fix, exit status 2, no traceback, no Ray started.
+    The five commands run side by side (each is mostly Python imports)."""
+    t0 = time.monotonic()
+    procs = {
+        arg: subprocess.Popen(
+            [str(BIN / "serve"), "run", "raycls.deploy", *([arg] if arg else [])],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for arg in BAD_RUNS
+    }
+    for arg, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        what = f"serve run raycls.deploy {arg}: rc={proc.returncode}\n{out}\n{err}"
+        assert proc.returncode == 2, what
+        assert "Traceback" not in out + err and "ServeConfigError" not in out + err, what
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, what
+        assert all(needle in errors[0] for needle in BAD_RUNS[arg]), what
+        assert "Started a local Ray instance" not in out + err, what
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_serve_deploy_config_file(bundles, tmp_path):
     http, gcs, dash = free_port(), free_port(), free_port()
     cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
