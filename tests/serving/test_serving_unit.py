@@ -155,8 +155,28 @@ def test_shipped_config_is_valid():
     cfg = yaml.safe_load(CONFIG.read_text())
     assert config_problems(cfg) == []
     app = cfg["applications"][0]
-    assert app["import_path"] == "raycls.deploy" and app["args"]["model"]
+    assert app["import_path"] == "raycls.deploy"
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "Classifier"}
+
+
+def test_shipped_config_serves_what_the_quick_start_wrote(bundles, tmp_path, monkeypatch):
+    """The shipped `args` in the folder where Ray started (the build's working directory): the
+    newest bundle under models/ (the quick start's `models/search-...`), pinned to an absolute
+    path; without models/ the refusal names models_root and says how to make a bundle."""
+    import shutil
+
+    import raycls
+    from raycls.serving import ServeConfigError, parse_args, resolve_models
+
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ServeConfigError, match="models_root='models': no bundle found.*raycls"):
+        resolve_models(parse_args(args))
+    shutil.copytree(bundles["a"]["path"], tmp_path / "models" / "search-digits-20260101-000000")
+    _, paths, default = resolve_models(parse_args(args))
+    assert paths == {"digits": str(tmp_path / "models" / "search-digits-20260101-000000")}
+    assert default == "digits"
+    assert raycls.deploy(args) is not None
 
 
 @pytest.mark.parametrize(
