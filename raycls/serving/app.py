@@ -21,6 +21,7 @@ from typing import Any
 
 import click  # a dependency of Ray's own CLIs
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from raycls.serving.args import (
     ServeArgs,
@@ -87,18 +88,22 @@ def build_app(args: ServeArgs, paths: dict[str, str], default: str) -> serve.App
 def deploy(args: dict[str, Any]) -> serve.Application:
     """Application builder behind `serve run raycls.deploy key=value ...` (see ServeArgs).
 
-    `serve run IMPORT_PATH` (a click command) calls this before it starts or joins Ray and prints
-    whatever it raises as a ~30-line traceback. Called from there, a bad argument or bundle is
-    instead one `error: field=value: why and the fix` line on stderr and exit status 2, through
-    click's own exception type, which `serve run` lets click report. Everywhere else (`serve
-    deploy`, where Serve's controller calls this, and Python callers) it is a ServeConfigError.
+    A bad argument or bundle is one line `field=value: why and the fix`, wherever it surfaces:
+
+    - `serve run IMPORT_PATH` (a click command) calls this before it starts or joins Ray and
+      prints any other exception as a ~30-line traceback; a click exception instead is shown by
+      click as `error: ...` on stderr with exit status 2.
+    - `serve deploy`: Serve's controller builds the app in a Ray task and reports a
+      RayServeException by its message alone in `serve status` (anything else as a traceback,
+      after retrying the build).
+    - Python callers get a ServeConfigError (both types above are one).
     """
     try:
         resolved, paths, default = resolve_models(parse_args(args))
     except ServeConfigError as e:
         if _under_serve_run():
             raise CommandLineError(str(e)) from None
-        raise
+        raise BuildError(str(e)) from None
     return build_app(resolved, paths, default)
 
 
@@ -107,10 +112,14 @@ def _under_serve_run() -> bool:
     return ctx is not None and ctx.command.name == "run"
 
 
-class CommandLineError(click.ClickException):
+class CommandLineError(click.ClickException, ServeConfigError):
     """A ServeConfigError as `serve run` shows it: one `error: ...` line, exit status 2."""
 
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", file=file, err=True)
+
+
+class BuildError(ServeConfigError, RayServeException):
+    """A ServeConfigError as Serve's controller reports it: the message, no traceback."""
