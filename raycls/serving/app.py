@@ -94,8 +94,7 @@ def deploy(args: dict[str, Any]) -> serve.Application:
       prints any other exception as a ~30-line traceback; a click exception instead is shown by
       click as `error: ...` on stderr with exit status 2.
     - `serve deploy`: Serve's controller builds the app in a Ray task and reports a
-      RayServeException by its message alone in `serve status` (anything else as a traceback,
-      after retrying the build).
+      RayServeException by its message alone in `serve status` (anything else as a traceback).
     - Python callers get a ServeConfigError (both types above are one).
     """
     try:
