@@ -19,9 +19,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import click  # a dependency of Ray's own CLIs
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from raycls.serving.args import ServeArgs, parse_args, resolve_models, user_config_of
+from raycls.serving.args import (
+    ServeArgs,
+    ServeConfigError,
+    parse_args,
+    resolve_models,
+    user_config_of,
+)
 from raycls.serving.ingress import Ingress
 from raycls.serving.replica import Classifier
 
@@ -78,6 +86,39 @@ def build_app(args: ServeArgs, paths: dict[str, str], default: str) -> serve.App
 
 
 def deploy(args: dict[str, Any]) -> serve.Application:
-    """Application builder behind `serve run raycls.deploy key=value ...` (see ServeArgs)."""
-    resolved, paths, default = resolve_models(parse_args(args))
+    """Application builder behind `serve run raycls.deploy key=value ...` (see ServeArgs).
+
+    A bad argument or bundle is one line `field=value: why and the fix`, wherever it surfaces:
+
+    - `serve run IMPORT_PATH` (a click command) calls this before it starts or joins Ray and
+      prints any other exception as a ~30-line traceback; a click exception instead is shown by
+      click as `error: ...` on stderr with exit status 2.
+    - `serve deploy`: Serve's controller builds the app in a Ray task and reports a
+      RayServeException by its message alone in `serve status` (anything else as a traceback).
+    - Python callers get a ServeConfigError (both types above are one).
+    """
+    try:
+        resolved, paths, default = resolve_models(parse_args(args))
+    except ServeConfigError as e:
+        if _under_serve_run():
+            raise CommandLineError(str(e)) from None
+        raise BuildError(str(e)) from None
     return build_app(resolved, paths, default)
+
+
+def _under_serve_run() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.command.name == "run"
+
+
+class CommandLineError(click.ClickException, ServeConfigError):
+    """A ServeConfigError as `serve run` shows it: one `error: ...` line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=True)
+
+
+class BuildError(ServeConfigError, RayServeException):
+    """A ServeConfigError as Serve's controller reports it: the message, no traceback."""

@@ -119,44 +119,63 @@ def parse_args(args: dict[str, Any] | None) -> ServeArgs:
             close = difflib.get_close_matches(key, kinds, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ServeConfigError(
-                f"unknown argument {key!r}: {hint}valid arguments are {', '.join(kinds)}"
+                f"{key}={value}: unknown argument, {hint}(valid: {', '.join(kinds)})"
             )
         values[key] = _convert(key, kinds[key], value)
     out = ServeArgs(**values)
+    # (the fields at fault, ok, why): a refusal reads `field=value: why`, like every raycls error
     checks = [
-        (out.top_k >= 1, "top_k must be at least 1"),
-        (1 <= out.max_batch_size <= 4096, "max_batch_size must be in 1..4096"),
-        (0 <= out.batch_wait_timeout_s <= 10, "batch_wait_timeout_s must be in 0..10 seconds"),
-        (out.max_body_bytes >= 1024, "max_body_bytes must be at least 1024"),
-        (out.max_pixels >= 1, "max_pixels must be at least 1"),
-        (out.max_images >= 1, "max_images must be at least 1"),
-        (0 <= out.onnx_threads <= 1024, "onnx_threads must be in 0..1024 (0 = num_cpus)"),
-        (out.num_cpus >= 0 and out.num_gpus >= 0, "num_cpus and num_gpus must be >= 0"),
-        (1 <= out.min_replicas <= out.max_replicas, "need 1 <= min_replicas <= max_replicas"),
+        ("top_k", out.top_k >= 1, "must be at least 1"),
+        ("max_batch_size", 1 <= out.max_batch_size <= 4096, "must be in 1..4096"),
+        ("batch_wait_timeout_s", 0 <= out.batch_wait_timeout_s <= 10, "must be in 0..10 seconds"),
+        ("max_body_bytes", out.max_body_bytes >= 1024, "must be at least 1024"),
+        ("max_pixels", out.max_pixels >= 1, "must be at least 1"),
+        ("max_images", out.max_images >= 1, "must be at least 1"),
+        ("onnx_threads", 0 <= out.onnx_threads <= 1024, "must be in 0..1024 (0 = num_cpus)"),
+        ("num_cpus", out.num_cpus >= 0, "must be >= 0"),
+        ("num_gpus", out.num_gpus >= 0, "must be >= 0"),
         (
+            "min_replicas max_replicas",
+            1 <= out.min_replicas <= out.max_replicas,
+            "need 1 <= min_replicas <= max_replicas",
+        ),
+        (
+            "classifier_min_replicas classifier_max_replicas",
             1 <= out.classifier_min_replicas <= out.classifier_max_replicas,
             "need 1 <= classifier_min_replicas <= classifier_max_replicas",
         ),
-        (out.target_ongoing_requests > 0, "target_ongoing_requests must be > 0"),
-        (out.max_ongoing_requests >= 1, "max_ongoing_requests must be at least 1"),
+        ("target_ongoing_requests", out.target_ongoing_requests > 0, "must be > 0"),
+        ("max_ongoing_requests", out.max_ongoing_requests >= 1, "must be at least 1"),
         (
+            "max_queued_requests",
             out.max_queued_requests >= 1 or out.max_queued_requests == -1,
-            "max_queued_requests must be >= 1 (or -1 for unbounded, not recommended)",
+            "must be >= 1 (or -1 for unbounded, not recommended)",
         ),
-        (out.health_check_period_s > 0, "health_check_period_s must be > 0"),
-        (out.health_check_timeout_s > 0, "health_check_timeout_s must be > 0"),
-        (not (out.split is False and out.num_gpus > 0), "num_gpus > 0 needs split=true"),
-        (not (out.model and out.models), "give model (one bundle) or models (a folder), not both"),
+        ("health_check_period_s", out.health_check_period_s > 0, "must be > 0"),
+        ("health_check_timeout_s", out.health_check_timeout_s > 0, "must be > 0"),
+        (
+            "split num_gpus",
+            not (out.split is False and out.num_gpus > 0),
+            "num_gpus > 0 needs split=true",
+        ),
+        (
+            "model models",
+            not (out.model and out.models),
+            "give model (one bundle) or models (a folder), not both",
+        ),
     ]
-    for ok, message in checks:
+    for names, ok, why in checks:
         if not ok:
-            raise ServeConfigError(f"{message} (got {_describe(out, message)})")
+            given = ", ".join(f"{n}={getattr(out, n)!r}" for n in names.split())
+            raise ServeConfigError(f"{given}: {why}")
     return out
 
 
-def _describe(args: ServeArgs, message: str) -> str:
-    names = [f.name for f in fields(ServeArgs) if f.name in message]
-    return ", ".join(f"{n}={getattr(args, n)!r}" for n in names) or "invalid value"
+# How to make a bundle, for every "no bundle here" refusal.
+MAKE_BUNDLE = (
+    "make one with `raycls train` then `raycls export RUN_DIR` (it writes models/<run name>/) "
+    "or with `python tune/search.py`, or pass model=PATH of an existing bundle"
+)
 
 
 # ----------------------------------------------------------------------------- models
@@ -181,7 +200,9 @@ def bundles_in(folder: str | Path) -> dict[str, str]:
             )
         found[name] = str(meta_path.parent)
     if not found:
-        raise ServeConfigError(f"no bundle found under {root}/ (models=); export one there")
+        raise ServeConfigError(
+            f"models={str(folder)!r}: no bundle found under {root}/; {MAKE_BUNDLE}"
+        )
     return found
 
 
@@ -207,12 +228,22 @@ def model_set(model: str = "", models: Any = "", models_root: str = "models") ->
         return out
     if models:
         return bundles_in(models)
+    if not model:
+        try:
+            model = str(bundle_lib.newest_bundle(models_root))
+        except bundle_lib.BundleError:
+            root = Path(models_root).expanduser().resolve()
+            raise ServeConfigError(
+                f"models_root={models_root!r}: no bundle found under {root}/ (and no model= "
+                f"given); {MAKE_BUNDLE}"
+            ) from None
+    path = Path(model).expanduser().resolve()
+    if not path.is_dir():
+        raise ServeConfigError(f"model={model!r}: no such bundle directory {path}; {MAKE_BUNDLE}")
     try:
-        path = Path(model) if model else bundle_lib.newest_bundle(models_root)
-        path = path.expanduser().resolve()
         name = str(bundle_lib.read_bundle_meta(path)["name"])
     except bundle_lib.BundleError as e:
-        raise ServeConfigError(str(e)) from None
+        raise ServeConfigError(f"model={model!r}: {e}") from None
     return {name: str(path)}
 
 

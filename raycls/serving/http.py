@@ -154,15 +154,8 @@ async def split_images(
             form = await Request(request.scope, replay).form(
                 max_files=max_images, max_fields=max_images
             )
-        except Exception as e:  # starlette's MultiPartException and malformed boundaries
-            msg = str(getattr(e, "message", e)) or "malformed multipart body"
-            if "Too many" in msg:
-                raise ApiError(
-                    413, "too_many_images", f"{msg}; send at most {max_images}"
-                ) from None
-            raise ApiError(
-                400, "bad_multipart", f"multipart body cannot be parsed: {msg}"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - starlette's MultiPartException, HTTPException
+            raise _multipart_error(e, max_images) from None
         files = [f for f in form.getlist("file") if not isinstance(f, str)]
         if not files:
             raise ApiError(
@@ -180,3 +173,24 @@ async def split_images(
     if not body:
         raise ApiError(400, "empty_body", "request body is empty; send the image bytes")
     return [(None, body)]
+
+
+def _multipart_error(e: Exception, max_images: int) -> ApiError:
+    """Starlette's multipart refusal in our words: its own text comes as `400: Invalid
+    multipart data.` (an HTTPException's str) or as a MultiPartException's message."""
+    why = str(getattr(e, "detail", None) or getattr(e, "message", None) or e).strip()
+    if why.startswith("Too many files"):
+        return ApiError(
+            413, "too_many_images", f"too many images: at most {max_images} multipart `file` "
+            "fields per request (max_images); send the rest in another request"
+        )  # fmt: skip
+    if why.startswith("Too many fields"):
+        return ApiError(
+            413, "too_many_images", f"too many multipart fields: at most {max_images} per "
+            "request (max_images); send only `file` fields"
+        )  # fmt: skip
+    why = why.rstrip(".") or "malformed"
+    return ApiError(
+        400, "bad_multipart", f"multipart body cannot be parsed ({why[:1].lower()}{why[1:]}); "
+        "send each image as a `file` field (curl -F file=@image.png)"
+    )  # fmt: skip

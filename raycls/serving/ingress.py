@@ -104,15 +104,27 @@ class Ingress(ModelReplica):
             formats=self._formats,
         )
 
-    async def _decode_all(self, blobs: list[bytes], spec: dict[str, Any]) -> np.ndarray:
+    def _decode_named(self, data: bytes, spec: dict[str, Any], label: str | None) -> np.ndarray:
+        """One image of a request; a refusal names it (`label`) when the request has several."""
         try:
-            if sum(len(b) for b in blobs) <= INLINE_DECODE_BYTES:
-                arrays = [self._decode(b, spec) for b in blobs]  # tiny: a thread hop costs more
+            return self._decode(data, spec)
+        except bundle_lib.ImageError as e:
+            if label is None:
+                raise
+            raise bundle_lib.ImageError(f"{label}: {e}", e.status, e.code) from None
+
+    async def _decode_all(
+        self, blobs: list[bytes], spec: dict[str, Any], labels: list[str | None]
+    ) -> np.ndarray:
+        named = list(zip(blobs, labels, strict=True))
+        try:
+            if sum(len(b) for b in blobs) <= INLINE_DECODE_BYTES:  # tiny: a thread hop costs more
+                arrays = [self._decode_named(b, spec, n) for b, n in named]
             else:
                 loop = asyncio.get_running_loop()
                 arrays = await asyncio.gather(
-                    *(loop.run_in_executor(self._decode_pool, self._decode, b, spec)
-                      for b in blobs)
+                    *(loop.run_in_executor(self._decode_pool, self._decode_named, b, spec, n)
+                      for b, n in named)
                 )  # fmt: skip
         except bundle_lib.ImageError as e:
             self._m_decode_errors.inc(tags={"code": e.code})
@@ -120,13 +132,18 @@ class Ingress(ModelReplica):
         return np.stack(arrays)  # (n, C, H, W) uint8
 
     async def classify_blobs(
-        self, name: str | None, blobs: list[bytes], api: str = "v2"
+        self, name: str | None, blobs: list[bytes], api: str = "v2",
+        labels: list[str | None] | None = None,
     ) -> tuple[dict[str, Any], tuple[str, np.ndarray]]:
         """Encoded images -> (spec used, (model that ran, logits)); a swap that changes the
-        input size or removes the default model is retried with the new spec."""
+        input size or removes the default model is retried with the new spec. A bad image is
+        named in the error by `labels[i]` (default: `image_bytes[i]`, V2's input, when there
+        are several)."""
+        if labels is None:
+            labels = [f"image_bytes[{i}]" if len(blobs) > 1 else None for i in range(len(blobs))]
         spec = await self.spec_for(name)
         for _ in range(3):
-            ran = await self._infer(spec["name"], await self._decode_all(blobs, spec))
+            ran = await self._infer(spec["name"], await self._decode_all(blobs, spec, labels))
             if ran is not None:
                 self._m_requests.inc(tags={"model": ran[0], "api": api})
                 return spec, ran
@@ -155,7 +172,10 @@ class Ingress(ModelReplica):
             )  # fmt: skip
         body = await read_body(request, self.args.max_body_bytes)
         named = await split_images(request, body, self.args.max_images)
-        spec, (model_name, logits) = await self.classify_blobs(name, [b for _, b in named], "v1")
+        labels = [_image_label(f, i, len(named)) for i, (f, _) in enumerate(named)]
+        spec, (model_name, logits) = await self.classify_blobs(
+            name, [b for _, b in named], "v1", labels
+        )
         preds = top_k_predictions(logits, spec["classes"], k)
         results = [
             {"filename": n, "predictions": p} for (n, _), p in zip(named, preds, strict=True)
@@ -187,6 +207,15 @@ class Ingress(ModelReplica):
             "models": [{**s["meta"], "model_file": s["model_file"]}
                        for _, s in sorted(specs["models"].items())],
         }  # fmt: skip
+
+
+def _image_label(filename: str | None, i: int, n: int) -> str | None:
+    """How an error names image i of n: by its multipart filename and place, None for a lone
+    raw body (the request is the image)."""
+    place = f"image {i + 1} of {n}" if n > 1 else ""
+    if filename:
+        return f"file {filename!r}" + (f" ({place})" if place else "")
+    return place or None
 
 
 def _warn_if_exposed() -> None:

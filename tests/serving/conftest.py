@@ -7,8 +7,10 @@ must pass. RAYCLS_TEST_SERVE_LAYOUT=single (default) | split picks the deploymen
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -90,11 +92,25 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "keys": keys, "key_file": key_file}  # fmt: skip
 
 
-def serve_config(model: Path, port: int, multi: dict[str, Any] | None = None) -> dict[str, Any]:
-    """serve/config.yaml with the test's bundle, port and layout, plus a deliberately small app
-    (`/small`: one request at a time, one queued) for the overload test, and (given the bundles
-    fixture as `multi`) `/multi`: two models from one folder behind API keys."""
-    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+HOT_SWAP_LINE = re.compile(r"^(\s*)# (user_config: \{model: )(\S+)(\})(\s+#.*)?$", re.M)
+
+
+def hot_swap_text(new_model: Path) -> str:
+    """serve/config.yaml with its hot swap done exactly as its comment says: the one commented
+    `user_config: {model: ...}` line uncommented and pointed at `new_model`."""
+    text = (REPO / "serve" / "config.yaml").read_text()
+    assert len(HOT_SWAP_LINE.findall(text)) == 1, "serve/config.yaml: one hot-swap line expected"
+    return HOT_SWAP_LINE.sub(lambda m: f"{m[1]}{m[2]}{json.dumps(str(new_model))}{m[4]}", text)
+
+
+def serve_config(
+    model: Path, port: int, multi: dict[str, Any] | None = None, text: str | None = None
+) -> dict[str, Any]:
+    """serve/config.yaml (or its edited `text`) with the test's bundle, port and layout, plus a
+    deliberately small app (`/small`: one request at a time, one queued) for the overload test,
+    and (given the bundles fixture as `multi`) `/multi`: two models from one folder behind API
+    keys."""
+    cfg = yaml.safe_load(text or (REPO / "serve" / "config.yaml").read_text())
     cfg["http_options"].update(host="127.0.0.1", port=port)
     main = cfg["applications"][0]
     main["args"].update(model=str(model), split=LAYOUT == "split", max_batch_size=16)
@@ -105,7 +121,12 @@ def serve_config(model: Path, port: int, multi: dict[str, Any] | None = None) ->
         d["ray_actor_options"]["num_cpus"] = 0.5
         d["health_check_period_s"] = 2  # the broken-session test waits for a replacement
     if LAYOUT == "single":
-        main["deployments"] = [d for d in main["deployments"] if d["name"] == "Ingress"]
+        # as the file says for `split: false`: the Classifier entry goes, its user_config (a hot
+        # swap) moves to Ingress, which then holds the models
+        by_name = {d["name"]: d for d in main["deployments"]}
+        if "user_config" in by_name["Classifier"]:
+            by_name["Ingress"]["user_config"] = by_name["Classifier"]["user_config"]
+        main["deployments"] = [by_name["Ingress"]]
     small = {
         "name": "small",
         "route_prefix": "/small",

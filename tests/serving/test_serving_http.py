@@ -247,18 +247,26 @@ def test_bad_top_k(client, good_png, top_k):
 
 
 def test_bad_multipart(client, good_png):
+    """Each refusal in our words (no framework text such as `400: ...` inside a 413), and a bad
+    image among several is named by its filename and place."""
     r = client.post("/v1/classify", files={"image": ("a.png", good_png, "image/png")})
     assert_error(r, 400, "missing_file")
     files = [("file", (f"{i}.png", good_png, "image/png")) for i in range(65)]
-    assert_error(client.post("/v1/classify", files=files), 413, "too_many_images")
+    msg = assert_error(client.post("/v1/classify", files=files), 413, "too_many_images")["message"]
+    assert msg.startswith("too many images: at most 64 multipart `file` fields"), msg
     bad = client.post(
         "/v1/classify",
         content=b"--xyz\r\nnot a part",
         headers={"content-type": "multipart/form-data; boundary=xyz"},
     )
-    assert bad.status_code == 400, bad.text
-    one_bad = [("file", ("ok.png", good_png, "image/png")), ("file", ("bad.png", b"zz", "x/y"))]
-    assert_error(client.post("/v1/classify", files=one_bad), 400, "not_an_image")
+    msg = assert_error(bad, 400, "bad_multipart")["message"]
+    assert msg.startswith("multipart body cannot be parsed (invalid multipart data)"), msg
+    one_bad = [("file", ("ok.png", good_png, "image/png")), ("file", ("bad.png", b"zz", "x/y")),
+               ("file", ("ok2.png", good_png, "image/png"))]  # fmt: skip
+    msg = assert_error(client.post("/v1/classify", files=one_bad), 400, "not_an_image")["message"]
+    assert msg.startswith("file 'bad.png' (image 2 of 3): "), msg
+    for m in (msg, r.json()["error"]["message"]):
+        assert "400:" not in m and "Maximum number" not in m, m
     assert_still_serving(client, good_png)
 
 
@@ -326,10 +334,11 @@ def test_metrics_are_exported(ray_session, client, good_png):
 
 
 def test_hot_swap_drops_no_request(client, bundles, serve_stack, good_png):
-    """`serve deploy` with a new `user_config: {model: ...}` on the model's deployment: the
-    running replica swaps the model through reconfigure (same replica, no restart) while a client
-    keeps sending, and every request succeeds."""
-    from conftest import deploy_config, serve_config
+    """The hot swap exactly as serve/config.yaml's comment says (its `user_config: {model: ...}`
+    line uncommented, `serve deploy` again, `args` unchanged): the running replica swaps the
+    model through reconfigure (same replica, no restart) while 3 clients keep sending, every
+    request is answered 200, and the new model answers after."""
+    from conftest import deploy_config, hot_swap_text, serve_config
 
     stop = threading.Event()
     seen: list[tuple[int, str]] = []
@@ -341,12 +350,8 @@ def test_hot_swap_drops_no_request(client, bundles, serve_stack, good_png):
                 seen.append((r.status_code, r.json().get("model", r.text[:200])))
 
     def swap_to(which: str, name: str) -> None:
-        cfg = serve_config(bundles["a"]["path"], serve_stack["port"], bundles)  # same args
-        holder = "Classifier" if serve_stack["layout"] == "split" else "Ingress"
-        for d in cfg["applications"][0]["deployments"]:
-            if d["name"] == holder:
-                d["user_config"] = {"model": str(bundles[which]["path"])}
-        deploy_config(cfg)
+        text = hot_swap_text(bundles[which]["path"])
+        deploy_config(serve_config(bundles["a"]["path"], serve_stack["port"], bundles, text))
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if client.get("/v1/model").json().get("name") == name:
@@ -355,18 +360,22 @@ def test_hot_swap_drops_no_request(client, bundles, serve_stack, good_png):
         raise AssertionError(f"model never became {name}")
 
     replica = client.get("/v1/model").json()["serving"]["replica"]
-    thread = threading.Thread(target=hammer)
-    thread.start()
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
     try:
         time.sleep(1)
         swap_to("b", "digits-b")
         time.sleep(1)
+        after = [classify_png(client, good_png).json()["model"] for _ in range(5)]
         swap_to("a", "digits")  # back, for any test that runs after
         time.sleep(0.5)
     finally:
         stop.set()
-        thread.join(60)
+        for t in threads:
+            t.join(60)
     codes = [c for c, _ in seen]
     assert codes and set(codes) == {200}, [s for s in seen if s[0] != 200][:5]
     assert {"digits", "digits-b"} <= {m for _, m in seen}
+    assert after == ["digits-b"] * 5, after
     assert client.get("/v1/model").json()["serving"]["replica"] == replica  # reconfigured in place

@@ -202,6 +202,14 @@ def test_raw_http_edge_cases(client, bundles):
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         assert r.json()["error"], name
         assert_still_serving(client, bundles)
+    # a bad image among several encoded ones is named by its place in `image_bytes`
+    from raycls.serving.v2codec import serialize_bytes
+
+    wire = serialize_bytes([png_bytes(bundles["a"]["test_images"][0]), b"not an image"])
+    head = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
+                                   "parameters": {"binary_data_size": len(wire)}}]}).encode()
+    r = infer_raw(client, head + wire, len(head))
+    assert r.status_code == 400 and r.json()["error"].startswith("image_bytes[1]: "), r.text
 
 
 def test_raw_single_png_and_routes(client, bundles):
