@@ -95,14 +95,16 @@ def classify(
     url: str,
     files: list[Path],
     *,
-    top_k: int = 5,
+    top_k: int | None = None,
     batch: int = 1,
     retries: int = 5,
     backoff: float = 0.1,
     timeout: float = 60.0,
 ) -> list[dict[str, Any]]:
-    """Per file: {"file", "predictions"} or {"file", "error"}, in the order given."""
-    endpoint = f"{url.rstrip('/')}/v1/classify?top_k={top_k}"
+    """Per file: {"filename", "model", "predictions"} or {"filename", "error"} (the keys of the
+    server's and `raycls predict`'s answers), in the order given. top_k None: the server's
+    default (5, capped at the model's classes)."""
+    endpoint = f"{url.rstrip('/')}/v1/classify" + (f"?top_k={top_k}" if top_k else "")
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
@@ -110,22 +112,20 @@ def classify(
             body, ctype = multipart(chunk)
             answer = post(endpoint, body, ctype, retries=retries, backoff=backoff, timeout=timeout)
             for f, r in zip(chunk, answer["results"], strict=True):
-                results.append({"file": str(f), "model": answer["model"], **r})
+                results.append({**r, "filename": str(f), "model": answer["model"]})
         except (ClientError, OSError) as e:
             if len(chunk) > 1:  # one bad image fails its whole request: retry one by one
                 results += classify(url, chunk, top_k=top_k, batch=1, retries=retries,
                                     backoff=backoff, timeout=timeout)  # fmt: skip
             else:
-                results.append({"file": str(chunk[0]), "error": str(e)})
-    for r in results:
-        r.pop("filename", None)
+                results.append({"filename": str(chunk[0]), "error": str(e)})
     return results
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
-        lines.append(r["file"])
+        lines.append(r["filename"])
         if "error" in r:
             lines.append(f"  error: {r['error']}")
             continue
@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Classify images with a raycls server.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server (default %(default)s)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="labels per image (default 5)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="labels per image, 1..the model's classes (default: the server's, 5 "
+                   "capped at the model's classes)")
     p.add_argument("--batch", type=positive_int, default=1, help="images per request (default 1)")
     p.add_argument("--retries", type=int, default=5, help="retries on 503 (default 5)")
     p.add_argument("--backoff", type=float, default=0.1, help="first backoff, s (default 0.1)")

@@ -162,14 +162,12 @@ class Ingress(ModelReplica):
     async def classify_request(self, request: Any, top_k: int | None, name: str | None) -> Any:
         """POST /v1/[models/NAME/]classify after routing: one path for FastAPI and fast path."""
         spec = await self.spec_for(name)
-        # the server's default is capped by the model's classes (a 2-class model beside a
-        # 1000-class one); an explicit ?top_k= out of range is the client's mistake
-        k = min(spec["top_k"], spec["num_classes"]) if top_k is None else top_k
-        if not 1 <= k <= spec["num_classes"]:
-            raise ApiError(
-                422, "invalid_parameter",
-                f"top_k={k} is out of range: use 1..{spec['num_classes']} (the model's classes)",
-            )  # fmt: skip
+        # raycls predict's rule too: the default is capped by the model's classes (a 2-class
+        # model beside a 1000-class one); an explicit ?top_k= out of range is the client's mistake
+        try:
+            k = bundle_lib.resolve_top_k(top_k, spec["num_classes"], default=spec["top_k"])
+        except ValueError as e:
+            raise ApiError(422, "invalid_parameter", str(e)) from None
         body = await read_body(request, self.args.max_body_bytes)
         named = await split_images(request, body, self.args.max_images)
         labels = [_image_label(f, i, len(named)) for i, (f, _) in enumerate(named)]

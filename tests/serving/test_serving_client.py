@@ -31,7 +31,7 @@ def test_client_folder_json_and_table(url, bundles, tmp_path):
     out = run_client("--url", url, "--json", "--top-k", "2", "--batch", "2", str(folder))
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [Path(r["file"]).name for r in rows] == [f"{i}.png" for i in range(5)]
+    assert [Path(r["filename"]).name for r in rows] == [f"{i}.png" for i in range(5)]
     assert all(r["model"] == "digits" and len(r["predictions"]) == 2 for r in rows)
     labels = [str(x) for x in bundles["a"]["test_labels"][:5]]
     assert sum(r["predictions"][0]["label"] == y for r, y in zip(rows, labels, strict=True)) >= 4
