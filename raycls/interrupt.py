@@ -23,8 +23,9 @@ class Interrupted(KeyboardInterrupt):
     """The user stopped a run; the message says what was kept and how to continue."""
 
 
-def fit_interruptibly(trainer: Any) -> Any:
-    """`trainer.fit()`, with Ctrl-C raised in the calling thread as KeyboardInterrupt."""
+def fit_interruptibly(trainer: Any, idle: Any = None) -> Any:
+    """`trainer.fit()`, with Ctrl-C raised in the calling thread as KeyboardInterrupt;
+    `idle()` runs between waits (the console drains its queue there)."""
     box: dict[str, Any] = {}
 
     def fit() -> None:
@@ -37,6 +38,10 @@ def fit_interruptibly(trainer: Any) -> Any:
     thread.start()
     while thread.is_alive():
         thread.join(0.2)  # a short wait: the signal handler runs between waits
+        if idle is not None:
+            idle()
+    if idle is not None:
+        idle()
     if "error" in box:
         raise box["error"]
     return box["result"]

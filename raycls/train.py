@@ -28,6 +28,13 @@ import torch.nn.functional as F
 
 from raycls.augment import build_augment, load_policy_schedule, mix_batch, policy_for_epoch
 from raycls.config import ConfigError, TrainConfig
+from raycls.console import (
+    Channel,
+    Console,
+    capture_driver_logs,
+    collect_ray_logs,
+    open_channel,
+)
 from raycls.data import DataError, Dataset, bad_images_message
 from raycls.ingest import RunData
 from raycls.interrupt import (
@@ -98,7 +105,7 @@ def memory_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, 
 
 def train_one_epoch(
     model, optimizer, scheduler, batches, *, cfg: TrainConfig, augment, mean, std,
-    num_classes: int, device, generator: torch.Generator,
+    num_classes: int, device, generator: torch.Generator, on_step=None,
 ) -> tuple[float, int]:
     """One pass over this worker's batches of (uint8 (B, C, H, W), labels, valid mask or None).
     Rows masked invalid (files that did not decode) count for nothing. Returns (mean loss,
@@ -106,7 +113,7 @@ def train_one_epoch(
     model.train()
     total_loss, seen = 0.0, 0
     mixing = cfg.aug_mixup_alpha > 0 or cfg.aug_cutmix_alpha > 0
-    for x, y, valid in batches:
+    for step, (x, y, valid) in enumerate(batches, 1):
         x = augment(x.float().div_(255), generator)  # (B, C, H, W) in [0, 1]
         x = (x - mean) / std
         target = y
@@ -128,6 +135,8 @@ def train_one_epoch(
         scheduler.step()
         total_loss += loss.item() * n
         seen += n
+        if on_step is not None:
+            on_step(step, seen)
     return total_loss / max(1, seen), seen
 
 
@@ -284,6 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()  # ray:
     data = WorkerData(config, cfg, rank, world, device)
+    console = Channel(config.get("_console"), rank)  # rank 0's lines and progress
     info = data.info
     num_classes = len(info["classes"])
     mean = torch.tensor(info["mean"], device=device).view(1, -1, 1, 1)
@@ -327,7 +337,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         best_val_acc, stale = meta["best_val_acc"], meta["epochs_without_improvement"]
         history, bad_images = meta["history"], meta.get("bad_images", [])
         if rank == 0:
-            log(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done"
+            console.line(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done"
                 + (", the interrupted epoch is read again from its start)"
                    if data.streaming else ")"))
 
@@ -340,11 +350,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             allow_flip=info["name"] not in NO_FLIP_DATASETS,
         )
         data.seen_ids = []
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
+
+        def on_step(step: int, images: int, epoch: int = epoch, started: float = started) -> None:
+            console.progress(epoch + 1, cfg.num_epochs, step, data.steps_per_epoch,
+                             images * world, started)  # every rank steps in lockstep
+
         train_loss, seen = train_one_epoch(
             model, optimizer, scheduler, data.train_batches(epoch), cfg=cfg,
             augment=augment, num_classes=num_classes, device=device, generator=generator,
-            **mean_std,
+            on_step=on_step, **mean_std,
         )
         train_time = time.perf_counter() - t0
         record_ids_seam(cfg, data, epoch)
@@ -371,8 +386,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "bad_images": len(bad_images),
         }
         if new_bad and rank == 0:
-            log(f"warning: skipped {len(new_bad)} unreadable image(s) in epoch {epoch + 1}: "
-                + "; ".join(new_bad[:5]) + (" ..." if len(new_bad) > 5 else ""))
+            console.line(f"warning: skipped {len(new_bad)} unreadable image(s) in epoch "
+                         f"{epoch + 1}: " + "; ".join(new_bad[:5])
+                         + (" ..." if len(new_bad) > 5 else ""))
         if len(bad_images) > cfg.max_bad_images:
             # every rank saw the same gathered list, so all stop here together; a report
             # instead of an exception, so that Train does not retry what would fail again
@@ -398,7 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "history": history, "bad_images": bad_images},
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                log(
+                console.line(
                     f"epoch {epoch + 1}/{cfg.num_epochs} "
                     f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
                     f"val_acc {metrics['val_acc']:.4f} images/s {metrics['images_per_s']:.0f} "
@@ -410,7 +426,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if stop_early:
             if rank == 0:
-                log(f"early stop: no val_acc gain for {stale} epochs")
+                console.line(f"early stop: no val_acc gain for {stale} epochs")
             break
 
 
@@ -457,13 +473,6 @@ def clear_run_error(cfg: TrainConfig) -> None:
         fs.delete_file(path)
     except (FileNotFoundError, OSError):
         pass
-
-
-def log(message: str) -> None:
-    """One progress line from a worker. Written to the real stdout: Ray Train V2 also routes
-    `print` through its own logger, which shows every line twice on the driver."""
-    sys.__stdout__.write(f"[raycls] {message}\n")
-    sys.__stdout__.flush()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -549,8 +558,9 @@ def forget_unstarted_run(run_dir: Path, storage_path: str) -> bool:
     return True
 
 
-def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None):
-    """The TorchTrainer for a run; shared by `raycls train` and each Tune trial."""
+def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None):
+    """The TorchTrainer for a run; shared by `raycls train` and each Tune trial. `console`: the
+    driver's queue for rank 0's lines and progress (None: rank 0 prints them)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -568,6 +578,8 @@ def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None):
         extra = {"datasets": data.datasets, "dataset_config": data_config()}
     else:
         loop_data = {"_data": data.memory_ref}
+    if console is not None:
+        loop_data["_console"] = console
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), **loop_data},
@@ -619,8 +631,11 @@ def check_policies(cfg: TrainConfig, info: dict[str, Any]) -> None:
                       allow_flip=info["name"] not in NO_FLIP_DATASETS)
 
 
-def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset | None = None):
-    """Train (or resume) one run and return its result dict (also written to result.json)."""
+def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset | None = None,
+                 console: bool = False):
+    """Train (or resume) one run and return its result dict (also written to result.json).
+    `console`: rank 0's lines and progress come to this process and are shown here
+    (raycls.console), and Ray's worker logs are collected into the run's ray.log."""
     import ray
     import ray.train
 
@@ -644,13 +659,16 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     print(
         f"[raycls] run {cfg.name}: {data.header()}, model {cfg.model}, "
         f"{cfg.num_workers} worker(s), {cfg.num_epochs} epochs, batch {cfg.batch_size} -> "
-        f"{cfg.storage_path}/{cfg.name}",
+        f"{cfg.storage_path}/{cfg.name}" + (" (Ray's own logs: ray.log there)" if console else ""),
         flush=True,
     )
     t0 = time.perf_counter()
     clear_run_error(cfg)  # a resumed run starts without the error it stopped on
+    queue = open_channel() if console else None
+    view = Console(queue) if console else None
     try:
-        result = fit_interruptibly(build_trainer(cfg, data))
+        result = fit_interruptibly(build_trainer(cfg, data, console=queue),
+                                   idle=view.drain if view else None)
     except KeyboardInterrupt:
         second_interrupt_exits()
         kept = newest_epoch(run_dir) if "://" not in cfg.storage_path else None
@@ -662,12 +680,16 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
             + (f" (newest: epoch {kept})" if kept else "") + ". Continue it with "
             f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`") from None
     except ray.train.TrainingFailedError as e:
+        logs = f" (Ray's logs: {run_dir / 'ray.log'})" if console else ""
         if not forget_unstarted_run(run_dir, cfg.storage_path):
             raise RunError(
-                f"training failed: {e}\nThe run's checkpoints are kept: continue it with "
+                f"training failed: {e}\nThe run's checkpoints are kept{logs}: continue it with "
                 f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`"
             ) from None
         raise RunError(f"training failed before its first checkpoint: {e}") from None
+    finally:
+        if console and "://" not in cfg.storage_path:
+            collect_ray_logs(run_dir)
     train_time = time.perf_counter() - t0
     stopped = read_run_error(cfg)  # a deterministic error the workers stopped on, not retried
     if "config_error" in stopped:
@@ -806,6 +828,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(a folder under --storage-path) from its newest checkpoint, with its "
                         "own saved flags; a finished run: use --resume-from CHECKPOINT")
     parser.add_argument("--json", action="store_true", help="print result.json as the last line")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own output live (default: off: raycls's lines only; "
+                        "Ray's go to the run's ray.log)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check every flag and input, print the run that would start, and "
                         "exit without starting Ray")
@@ -841,20 +866,25 @@ def local_ray_options() -> dict[str, Any]:
     return {"dashboard_port": port, "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": url}}}
 
 
-def init_ray(address: str | None = None, min_cpus: int = 0) -> None:
+def init_ray(address: str | None = None, min_cpus: int = 0, log_to_driver: bool = True) -> None:
     """Join `address` (else $RAY_ADDRESS; "auto" = the cluster this node belongs to), else start
     a private local Ray: a bare `ray.init()` would silently join whatever cluster someone else
     started on this machine. A local Ray gets at least `min_cpus` logical CPUs: streaming runs
     need one for Ray Data's decode tasks beside the training workers, even on a 2-core laptop
     (where they then share the cores, as any data loader does)."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local" and "ray" not in sys.modules:
+        # A new local Ray turns token auth on by default, by setting this same variable, and
+        # warns that it did on every run; asking for it before Ray reads its config (at import)
+        # is Ray's own switch for the same outcome, without the warning.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
         extra = local_ray_options() if address == "local" else {}
         if address == "local" and min_cpus > (os.cpu_count() or 1):
             extra["num_cpus"] = min_cpus
-        ray.init(address=address, configure_logging=False, **extra)
+        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver, **extra)
 
 
 def shutdown_ray() -> None:
@@ -899,8 +929,10 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps(resolved.to_dict()))
         return 0
     try:
-        init_ray(args.address, min_cpus=stream_cpus(cfg))
-        summary = run_training(resolved, resume=args.resume)
+        init_ray(args.address, min_cpus=stream_cpus(cfg), log_to_driver=args.verbose)
+        if not args.verbose:  # after ray.init, which sets up the "ray" logger afresh
+            capture_driver_logs()  # Ray's driver-side warnings, kept for the run's ray.log
+        summary = run_training(resolved, resume=args.resume, console=True)
     except Interrupted as e:
         shutdown_ray()  # this run's workers and, for a local Ray, every Ray process of it
         print(f"[raycls] {e}", file=sys.stderr, flush=True)

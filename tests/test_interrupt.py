@@ -62,7 +62,8 @@ def group_members(pgid: int) -> list[int]:
 @pytest.mark.ray
 def test_ctrl_c_keeps_the_work_and_resume_finishes(tmp_path):
     runs = tmp_path / "runs"
-    env = {**os.environ, "RAY_ADDRESS": ""}  # a fresh local Ray, owned by the command
+    env = {**os.environ, "RAY_ADDRESS": "",  # a fresh local Ray, owned by the command
+           "RAYCLS_PROGRESS_AFTER_S": "0", "RAYCLS_PROGRESS_SEND_S": "0"}  # a bar from step 1
     master, slave = os.openpty()
     cmd = [sys.executable, "-m", "raycls", "train", "--epochs", str(EPOCHS), "--num-workers", "1",
            "--storage-path", str(runs), "--name", "ctrl-c"]
@@ -82,6 +83,8 @@ def test_ctrl_c_keeps_the_work_and_resume_finishes(tmp_path):
         os.close(master)
     print(f"stopped {stopped_in:.1f}s after SIGINT")
     assert rc == 130, seen[-3000:]
+    bar = seen.split(f"epoch 1/{EPOCHS} train_loss")[0]
+    assert f"[raycls] epoch 1/{EPOCHS}:" in bar and "step" in bar and "\r" in bar, bar[-2000:]
     assert stopped_in < 20, f"took {stopped_in:.1f}s to stop"
     assert "Traceback" not in seen, seen[-3000:]
     resume = f"raycls train --resume ctrl-c --storage-path {runs}"
