@@ -71,7 +71,12 @@ def test_ctrl_c_keeps_the_work_and_resume_finishes(tmp_path):
                             start_new_session=True)  # its own group, as a shell's foreground job
     os.close(slave)
     try:
-        seen = read_until(master, f"epoch 1/{EPOCHS}", timeout=240)
+        # The epoch line is printed as its checkpoint goes to Train; Ctrl-C once it is on disk.
+        seen = read_until(master, f"epoch 1/{EPOCHS} train_loss", timeout=240)
+        deadline = time.monotonic() + 60
+        while not list((runs / "ctrl-c").glob("checkpoint_*/meta.json")):
+            assert time.monotonic() < deadline, "no checkpoint 60 s after the first epoch line"
+            seen += drain(master)  # keep reading, so the run never blocks on a full terminal
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         t0 = time.monotonic()
         rc = proc.wait(timeout=60)

@@ -28,7 +28,7 @@ def test_run_names_are_unique_and_finished_runs_are_not_reused(tmp_path):
     assert a.name != b.name and a.storage_path == str(tmp_path)
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "result.json").write_text("{}")
-    with pytest.raises(RunError, match="'done' already exists .*finished.*choose another --name"):
+    with pytest.raises(RunError, match="name=done: .*already exists .*finished.*another --name"):
         resolve_run(TrainConfig(storage_path=str(tmp_path), name="done"), None)
     with pytest.raises(RunError, match="already finished"):
         resolve_run(TrainConfig(storage_path=str(tmp_path)), "done")
