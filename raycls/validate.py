@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
-import json
 import logging
 import re
 import sys
@@ -244,15 +243,23 @@ def _lint_cluster_security(cfg: dict, file: str, pin: str) -> list[Problem]:
 def validate_cluster_config(cfg: dict, file: str) -> list[Problem]:
     """Ray's own offline validation of a `ray up` YAML, plus checks Ray skips, plus security."""
     import jsonschema
-    from ray.autoscaler._private import util as autoscaler_util
 
+    from raycls import raycompat
+
+    try:
+        autoscaler_util, schema = raycompat.autoscaler_util(), raycompat.cluster_schema()
+    except raycompat.RayCompatError as e:
+        return [Problem(file, "(whole file)", f"cannot check with this Ray: {e}",
+                        "install the Ray version pyproject.toml pins")]
     pin = ray_version_pin()
     problems: list[Problem] = []
     provider = cfg.get("provider") or {}
     fake = str(provider.get("type", "")).startswith("fake_multinode")
 
     # Ray logs an INFO line per defaulted field; a validator should print only its findings.
-    logging.getLogger(autoscaler_util.__name__).setLevel(logging.WARNING)
+    ray_logger = logging.getLogger(autoscaler_util.__name__)
+    level = ray_logger.level
+    ray_logger.setLevel(logging.WARNING)
     try:
         # The fake provider's defaults file is not shipped in the 2.60 wheel, so a fake config
         # must be complete on its own; the cloud ones are merged with Ray's defaults.yaml.
@@ -262,9 +269,9 @@ def validate_cluster_config(cfg: dict, file: str) -> list[Problem]:
     except Exception as e:  # noqa: BLE001 - any failure here is a config problem to report
         return [Problem(file, "(whole file)", f"Ray's prepare_config failed: {e}",
                         "compare with cluster/config.yaml")]
+    finally:
+        ray_logger.setLevel(level)
 
-    schema_path = Path(autoscaler_util.__file__).parents[1] / "ray-schema.json"
-    schema = json.loads(schema_path.read_text())
     for err in jsonschema.Draft7Validator(schema).iter_errors(prepared):
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         if err.validator == "additionalProperties":

@@ -92,7 +92,7 @@ def free_port() -> int:
 
 
 def node_ip() -> str:
-    from ray._private.services import get_node_ip_address
+    from ray.util import get_node_ip_address
 
     return get_node_ip_address()
 
@@ -186,10 +186,10 @@ DRIVER_NODE_LOSS = textwrap.dedent(
     from pathlib import Path
 
     import ray
-    from ray._private.state import available_resources_per_node
     from ray.cluster_utils import Cluster
 
     from raycls.config import TrainConfig
+    from raycls.raycompat import available_resources_per_node
     from raycls.train import run_training
 
     port, agent_port, storage, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -218,13 +218,14 @@ def _image_label(filename: str | None, i: int, n: int) -> str | None:
 
 def _warn_if_exposed() -> None:
     """One log line when Serve's HTTP host is beyond localhost and no API key is set."""
-    try:
-        import ray
-        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from raycls.raycompat import RayCompatError, serve_http_host
 
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        host = ray.get(controller.get_http_config.remote(), timeout=5).host
-    except Exception:  # noqa: BLE001 - a warning is best effort; serving goes on
+    try:
+        host = serve_http_host()
+    except RayCompatError as e:  # say so rather than skip the check in silence
+        logger.warning("raycls: cannot tell whether HTTP is exposed: %s", e)
+        return
+    except Exception:  # noqa: BLE001 - controller busy or gone: a warning is best effort
         return
     if host not in LOCAL_HOSTS:
         logger.warning(

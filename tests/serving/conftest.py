@@ -151,14 +151,9 @@ def serve_config(
 
 def deploy_config(cfg: dict[str, Any]) -> None:
     """What `serve deploy` / `serve run config.yaml` do: validate and submit the whole config."""
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
+    from raycls.raycompat import serve_deploy
 
-    schema = ServeDeploySchema.model_validate(cfg)
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
-    client.deploy_apps(schema, _blocking=False)
+    serve_deploy(cfg)
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:

@@ -132,12 +132,10 @@ def replica_pids(app_name: str) -> list[int]:
     process (the Ray cluster this session started), so killing one touches nothing else."""
     import psutil
 
-    # the GCS actor table of the Ray this driver joined; ray.util.state would need a dashboard
-    # and, without an address, picks the newest cluster on the host, which may be someone else's
-    from ray._private.state import actors
+    from raycls.raycompat import alive_actors  # the GCS table of the Ray this driver joined
 
     name = f"ServeReplica:{app_name}:Ingress"
-    table = actors(actor_state_name="ALIVE").values()
+    table = alive_actors()
     pids = sorted(int(a["Pid"]) for a in table if a["ActorClassName"] == name and a["Pid"])
     for pid in pids:
         ancestors = {p.pid for p in psutil.Process(pid).parents()}

@@ -379,3 +379,9 @@ def test_hot_swap_drops_no_request(client, bundles, serve_stack, good_png):
     assert {"digits", "digits-b"} <= {m for _, m in seen}
     assert after == ["digits-b"] * 5, after
     assert client.get("/v1/model").json()["serving"]["replica"] == replica  # reconfigured in place
+
+
+def test_serve_http_host_is_the_configured_one(url):
+    from raycls.raycompat import serve_http_host
+
+    assert serve_http_host() == "127.0.0.1"  # what serve_config binds; the exposure check reads it
