@@ -64,7 +64,8 @@ def test_session_entries_on_a_real_cluster(ray_session):
     pid = ray.get(probe.pid.remote())
     try:
         actors = raycompat.alive_actors()
-        assert any(a["ActorClassName"].endswith("Probe") and int(a["Pid"]) == pid for a in actors), actors
+        mine = [a for a in actors if a["ActorClassName"].endswith("Probe")]
+        assert [int(a["Pid"]) for a in mine] == [pid], actors
     finally:
         ray.kill(probe)
 

@@ -67,7 +67,13 @@ def test_worker_exception_resumes_from_newest_and_matches_uninterrupted(ray_sess
     assert marker.exists()
     assert {h["start_epoch"] for h in faulty["history"]} == {0, 3}  # the newest: 3 epochs done
     assert faulty["epochs"] == clean["epochs"] == 5
-    assert abs(faulty["test_acc"] - clean["test_acc"]) < 0.05  # normal run-to-run variance
+    # Every rank's RNG, the data order, optimizer and scheduler come back from the checkpoint:
+    # the resumed run retraces the uninterrupted one, epoch by epoch.
+    lost = [h["train_loss"] for h in faulty["history"]]
+    kept = [h["train_loss"] for h in clean["history"]]
+    print("train_loss resumed", lost, "uninterrupted", kept)
+    assert lost == pytest.approx(kept, rel=1e-6)
+    assert faulty["test_acc"] == pytest.approx(clean["test_acc"], abs=1e-9)
 
 
 def _descendants(pid: int) -> list[int]:

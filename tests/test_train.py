@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,8 @@ def test_loss_decreases_on_two_workers(ray_session, tmp_path):
                 "config"):
         assert key in saved
     assert saved["epochs"] == 3 and (run_dir / "curves.png").stat().st_size > 1000
-    assert (tmp_path / "runs" / summary["name"]).is_dir()
+    best = Path(saved["checkpoint"])  # the kept checkpoint lives in the run and is complete
+    assert best.parent == run_dir and (best / "meta.json").is_file(), saved["checkpoint"]
     with pytest.raises(RunError, match="already finished"):
         run_training(small(tmp_path), resume=summary["name"])
 
