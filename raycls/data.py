@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raycls.sources import seeded_split
+
 
 class DataError(ValueError):
     """A dataset is missing or malformed; the message names the file and the fix."""
@@ -79,10 +81,7 @@ class Dataset:
 
 
 def _split_train_val(images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int):
-    """Seeded split; the same seed always gives the same validation images."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_val = max(1, int(round(len(labels) * val_fraction)))
-    val, train = order[:n_val], order[n_val:]
+    val, train = seeded_split(len(labels), val_fraction, seed)
     return Split(_t(images[train]), _l(labels[train])), Split(_t(images[val]), _l(labels[val]))
 
 
@@ -124,9 +123,7 @@ def load_digits(val_fraction: float, seed: int, test_fraction: float = 0.2) -> D
     images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
     labels = bunch.target.astype(np.int64)
     # the test hold-out uses a seed of its own, so changing --seed never leaks test images
-    order = np.random.default_rng(12345).permutation(len(labels))
-    n_test = int(round(len(labels) * test_fraction))
-    test, rest = order[:n_test], order[n_test:]
+    test, rest = seeded_split(len(labels), test_fraction, seed=12345)
     return _build(
         "digits", MNIST_CLASSES, images[rest], labels[rest], images[test], labels[test],
         val_fraction, seed,
@@ -220,7 +217,9 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
     """Download and unpack the official binary archive into `root`, checking its md5. A failed
-    download leaves no trace: the folders it created are removed again."""
+    download leaves no trace: the folders it created are removed again. (torchvision's
+    `download_and_extract_archive` leaves a bad download behind, says only "File not found or
+    corrupted." and unpacks without tarfile's "data" filter; hence this one.)"""
     created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     root.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} -> {root} ...", flush=True)

@@ -269,8 +269,10 @@ def _files_of(folder: Path, classes: list[str], split: str, where: Path) -> tupl
     return files, labels
 
 
-def _seeded_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out indices, kept indices) of n rows, at least one held out."""
+def seeded_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out indices, kept indices) of n rows, at least one held out; the same seed always
+    holds out the same rows. Every split in raycls (val shares, digits' and flat folders' test
+    share) is this one: unstratified on purpose, so published figures keep their splits."""
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * fraction)))
     return np.sort(order[:k]), np.sort(order[k:])
@@ -306,17 +308,17 @@ def open_imagefolder(path: str, val_fraction: float, seed: int) -> ImageSource:
             if folder is not None:
                 files[split] = _files_of(folder, classes, split, root)
         if "val" not in files:  # a seeded share of train/ becomes val
-            held, kept = _seeded_split(len(files["train"][0]), val_fraction, seed)
+            held, kept = seeded_split(len(files["train"][0]), val_fraction, seed)
             files["val"] = _take(*files["train"], held)
             files["train"] = _take(*files["train"], kept)
     else:
         layout = "flat"
         classes = _class_folders(root)
         all_files, all_labels = _files_of(root, classes, "train", root)
-        test, rest = _seeded_split(len(all_files), TEST_FRACTION, TEST_SEED)
+        test, rest = seeded_split(len(all_files), TEST_FRACTION, TEST_SEED)
         files["test"] = _take(all_files, all_labels, test)
         rest_files, rest_labels = _take(all_files, all_labels, rest)
-        val, train = _seeded_split(len(rest_files), val_fraction, seed)
+        val, train = seeded_split(len(rest_files), val_fraction, seed)
         files["train"] = _take(rest_files, rest_labels, train)
         files["val"] = _take(rest_files, rest_labels, val)
     if len(classes) < 2:
