@@ -363,6 +363,18 @@ def export_bundle(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Checkpoint or run dir -> verified bundle at `output`. See the module docstring."""
+    # torch and onnxruntime take turns on the parity batches: more than 4 threads only
+    # oversubscribe the cores (beside a search's driver, too); capped for this call alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(4, threads)))
+    try:
+        return _export_bundle(source, output, data_dir=data_dir, int8=int8,
+                              num_parity_images=num_parity_images, overwrite=overwrite, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _export_bundle(source, output, *, data_dir, int8, num_parity_images, overwrite, log) -> Path:
     out = Path(output)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
@@ -502,7 +514,6 @@ def default_output(source: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     output = Path(args.output) if args.output else default_output(args.source)
     try:
         export_bundle(

@@ -250,7 +250,13 @@ def test_export_of_a_checkpoint_folder_records_the_runs_test_acc(
     assert cli_main(["evaluate", str(out), "--output-dir", str(tmp_path / "r")]) == 0
     assert "training test_acc 0.4242 (measured " in capsys.readouterr().out
     lines: list[str] = []
-    export_bundle(other, tmp_path / "models" / "o", log=lines.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(7)
+    try:
+        export_bundle(other, tmp_path / "models" / "o", log=lines.append)
+        assert torch.get_num_threads() == 7, "export left its thread cap on the process"
+    finally:
+        torch.set_num_threads(threads)
     assert any(line.startswith("note: ") and "not of this one" in line for line in lines)
 
 
