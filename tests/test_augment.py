@@ -17,7 +17,6 @@ import torchvision.transforms.v2.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raycls import augment as A
 from raycls.augment import (
     build_augment,
     canonical_policy,
@@ -29,6 +28,7 @@ from raycls.augment import (
     policy_slug,
     save_policy_schedule,
 )
+from raycls.augment import ops as A
 
 torch.set_num_threads(1)
 
