@@ -3,7 +3,7 @@ batching. The serving benchmark's reference.
 
     python bench/plain_server.py --model models/NAME --port 8001
 
-Same bundle, same decode (`raycls.bundle.decode_image`) and same answer shape as the Serve
+Same bundle, same decode (`raycls.images.decode_image`) and same answer shape as the Serve
 endpoint's `POST /v1/classify` with a raw image body, so the two do the same work per request.
 """
 
@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 
 
 def build_app(model: str, top_k: int = 5) -> FastAPI:
@@ -27,7 +28,7 @@ def build_app(model: str, top_k: int = 5) -> FastAPI:
         body = await request.body()
         try:
             image = b.decode(body)
-        except bundle_lib.ImageError as e:
+        except image_lib.ImageError as e:
             return JSONResponse({"error": {"code": e.code, "message": str(e)}}, e.status)
         preds = b.predict(image[None], top_k=top_k)  # (1, C, H, W): no batching
         return JSONResponse({"model": b.name, "predictions": preds[0]})

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from raycls.bundle import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
+from raycls.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
 from raycls.sources import CLASSES_METADATA_KEY, SPLITS, SourceError, SplitSource, open_source
 
 SPLIT_METADATA_KEY = b"raycls.split"
@@ -61,7 +61,7 @@ def check_image(data: bytes, verify: bool = True) -> tuple[str | None, dict[str,
 
     Headers only: `Image.open` reads the format, mode and size; `verify` adds Pillow's cheap
     structural check (chunk CRCs for PNG) without decoding pixels. Same formats and pixel limit as
-    `raycls.bundle.decode_image`, so a file that passes here is one training can use.
+    `raycls.images.decode_image`, so a file that passes here is one training can use.
     """
     if not data:
         return "empty file", {}

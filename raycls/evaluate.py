@@ -252,7 +252,7 @@ def encoded_test_split(bundle: Bundle, name: str, cfg: dict[str, Any], max_image
     """At most `max_images` test images of an imagefolder/parquet dataset, each decoded by the
     bundle exactly as serving decodes it (no Ray, no torch); files that do not decode are
     counted out and named."""
-    from raycls.bundle import ImageError
+    from raycls.images import ImageError
     from raycls.sources import SourceError, open_source
 
     try:

@@ -1,6 +1,6 @@
 """`raycls predict BUNDLE PATH...`: classify image files (or folders of them) on the CPU.
 
-Images go through `bundle.decode_image`, the same decode/resize serving uses, and the answer has
+Images go through `images.decode_image`, the same decode/resize serving uses, and the answer has
 the server's shape (`/v1/classify`: `{"model", "results": [{"filename", "predictions"}]}`, plus
 `predictions` when exactly one image was sent) and its top_k rule (`bundle.resolve_top_k`), so a
 local answer equals a served one. A file that cannot be classified gets an entry with an `error`
@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from raycls.bundle import DEFAULT_TOP_K, BundleError, ImageError, load_bundle, resolve_top_k
+from raycls.bundle import DEFAULT_TOP_K, BundleError, load_bundle, resolve_top_k
+from raycls.images import ImageError
 
 # What a folder is searched for: serve/client.py's IMAGE_SUFFIXES (a test keeps them equal).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

@@ -2,7 +2,7 @@
 
 For datasets of any size (`imagefolder:`, `parquet:`, local or on object storage). The driver
 lists files (`raycls.sources`) and never holds pixels; Ray Data CPU tasks decode and crop with the
-one decoder (`raycls.bundle.open_image`), uint8 (C, H, W) on the wire; each worker reads its shard
+one decoder (`raycls.images.open_image`), uint8 (C, H, W) on the wire; each worker reads its shard
 with `iter_torch_batches`. Normalisation and the batch augmentation policies stay on the training
 device (`raycls.train`), exactly as for the in-memory datasets.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from raycls.bundle import ImageError, center_box, draft_size, open_image, resize_image
+from raycls.images import ImageError, center_box, draft_size, open_image, resize_image
 from raycls.sources import ImageSource, SplitSource, open_source
 
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default range (torchvision, timm)

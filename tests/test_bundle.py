@@ -23,13 +23,12 @@ from PIL import Image
 from raycls.bundle import (
     FORMAT_VERSION,
     BundleError,
-    ImageError,
-    decode_image,
     load_bundle,
     newest_bundle,
     softmax,
     write_bundle,
 )
+from raycls.images import ImageError, decode_image
 
 C, H, W, K = 1, 4, 4, 3
 NOISE = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)  # incompressible

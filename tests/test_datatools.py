@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raycls.bundle import decode_image
 from raycls.datatools import UsageError, convert, inspect
+from raycls.images import decode_image
 from raycls.sources import open_source
 from tests.imagetree import make_jpeg_tree, make_tree
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from raycls.bundle import decode_image, load_bundle
+from raycls.bundle import load_bundle
 from raycls.cli import main as cli_main
 from raycls.config import TrainConfig
 from raycls.data import load_dataset
 from raycls.export import export_bundle, normalise
+from raycls.images import decode_image
 from raycls.models import build_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

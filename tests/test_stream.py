@@ -96,8 +96,8 @@ def test_one_decoder_for_every_path(ray_session, stream_tree) -> None:
     the bundle decoder that `raycls predict` and serving use."""
     from PIL import Image
 
-    from raycls.bundle import decode_image
     from raycls.data import load_dataset
+    from raycls.images import decode_image
     from raycls.stream import decode_batch, decode_split
 
     spec = f"imagefolder:{stream_tree['root']}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 
 # The environment variable that names the API key file when `api_key_file=` is not given.
 API_KEY_FILE_ENV = "RAYCLS_API_KEY_FILE"
@@ -42,7 +43,7 @@ class ServeArgs:
     # the previous one runs, and a lone request is not held back (a 2 ms wait cut c=1 req/s 3x)
     batch_wait_timeout_s: float = 0.0
     max_body_bytes: int = 10 * 1024 * 1024  # request body limit (413 beyond it)
-    max_pixels: int = bundle_lib.DEFAULT_MAX_PIXELS  # per image, checked before decoding (413)
+    max_pixels: int = image_lib.DEFAULT_MAX_PIXELS  # per image, checked before decoding (413)
     max_images: int = 64  # images per request (multipart `file` fields, V2 batch N)
     api_key_file: str = ""  # keys, one a line; "" = $RAYCLS_API_KEY_FILE, else no keys (open)
     split: bool | None = None  # ingress + classifier deployments; None = true when num_gpus > 0

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 
 
 class ApiError(Exception):
@@ -90,8 +90,8 @@ async def _api_error(_: Request, e: ApiError) -> Response:
     return error_response(e.status, e.code, e.message)
 
 
-@app.exception_handler(bundle_lib.ImageError)
-async def _image_error(_: Request, e: bundle_lib.ImageError) -> Response:
+@app.exception_handler(image_lib.ImageError)
+async def _image_error(_: Request, e: image_lib.ImageError) -> Response:
     return error_response(e.status, e.code, str(e))
 
 

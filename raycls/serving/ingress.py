@@ -19,6 +19,7 @@ import numpy as np
 from ray import serve
 
 from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 from raycls.serving.args import ServeArgs
 from raycls.serving.auth import ApiKeyGuard, read_keys
 from raycls.serving.http import ApiError, app, json_response, read_body, split_images
@@ -54,7 +55,7 @@ class Ingress(ModelReplica):
         self._decode_pool = ThreadPoolExecutor(
             max(1, int(args.num_cpus) or 1), thread_name_prefix="raycls-decode"
         )
-        self._formats = bundle_lib.ALLOWED_FORMATS
+        self._formats = image_lib.ALLOWED_FORMATS
         self.page = (resources.files("raycls") / "static" / "index.html").read_text()
         self._m_decode_errors = Counter(
             "raycls_decode_errors", description="Images refused by the decoder.", tag_keys=("code",)
@@ -99,7 +100,7 @@ class Ingress(ModelReplica):
     def _decode(self, data: bytes, spec: dict[str, Any]) -> np.ndarray:
         # the bundle's own resize rule, so served pixels are the ones it was validated on
         c, h, w = spec["shape"]
-        return bundle_lib.decode_image(
+        return image_lib.decode_image(
             data, c, h, w, resize=spec["resize"], max_pixels=self.args.max_pixels,
             formats=self._formats,
         )
@@ -108,10 +109,10 @@ class Ingress(ModelReplica):
         """One image of a request; a refusal names it (`label`) when the request has several."""
         try:
             return self._decode(data, spec)
-        except bundle_lib.ImageError as e:
+        except image_lib.ImageError as e:
             if label is None:
                 raise
-            raise bundle_lib.ImageError(f"{label}: {e}", e.status, e.code) from None
+            raise image_lib.ImageError(f"{label}: {e}", e.status, e.code) from None
 
     async def _decode_all(
         self, blobs: list[bytes], spec: dict[str, Any], labels: list[str | None]
@@ -126,7 +127,7 @@ class Ingress(ModelReplica):
                     *(loop.run_in_executor(self._decode_pool, self._decode_named, b, spec, n)
                       for b, n in named)
                 )  # fmt: skip
-        except bundle_lib.ImageError as e:
+        except image_lib.ImageError as e:
             self._m_decode_errors.inc(tags={"code": e.code})
             raise
         return np.stack(arrays)  # (n, C, H, W) uint8

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
-from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 from raycls.serving.auth import route_path
 from raycls.serving.http import (
     ERRORS,
@@ -163,6 +163,6 @@ class ClassifyFastPath:
             )
         except ApiError as e:
             response = error_response(e.status, e.code, e.message)
-        except bundle_lib.ImageError as e:
+        except image_lib.ImageError as e:
             response = error_response(e.status, e.code, str(e))
         await response(scope, receive, send)

@@ -17,6 +17,7 @@ import numpy as np
 from starlette.requests import Request
 
 from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 from raycls.serving import v2codec
 from raycls.serving.auth import route_path
 from raycls.serving.http import ApiError, read_body
@@ -59,7 +60,7 @@ class V2Routes:
             await _send(send, e.status, v2codec.error_body(str(e)), _JSON)
         except ApiError as e:
             await _send(send, e.status, v2codec.error_body(e.message), _JSON)
-        except bundle_lib.ImageError as e:
+        except image_lib.ImageError as e:
             # 415 (format not accepted) is a bad request in V2's vocabulary
             status = 400 if e.status == 415 else e.status
             await _send(send, status, v2codec.error_body(str(e)), _JSON)

@@ -39,6 +39,7 @@ from conftest import deploy_config, wait_ready
 from PIL import Image
 
 from raycls import bundle as bundle_lib
+from raycls import images as image_lib
 
 pytestmark = pytest.mark.ray
 
@@ -184,14 +185,14 @@ class MemorySampler:
 class Oracle:
     """What a correct server answers: the bundle run here on the same decoded pixels."""
 
-    def __init__(self, path: Path, max_pixels: int = bundle_lib.DEFAULT_MAX_PIXELS):
+    def __init__(self, path: Path, max_pixels: int = image_lib.DEFAULT_MAX_PIXELS):
         self.bundle = bundle_lib.load_bundle(path)
         self.max_pixels = max_pixels
         self.name = self.bundle.name
 
     def decode(self, data: bytes) -> np.ndarray:
         b = self.bundle
-        return bundle_lib.decode_image(
+        return image_lib.decode_image(
             data, b.channels, b.height, b.width, max_pixels=self.max_pixels
         )
 
@@ -700,7 +701,7 @@ def check_hostile(c: httpx.Client, oracle: Oracle, body: bytes, ctype: str,
         return 400
     try:
         pixels = oracle.decode(body)
-    except bundle_lib.ImageError as e:
+    except image_lib.ImageError as e:
         assert (r.status_code, answer["error"]["code"]) == (e.status, e.code), (answer, str(e))
         return e.status
     assert r.status_code == 200, answer
