@@ -42,10 +42,23 @@ def work(tmp_path_factory):
     """tmp/runs/done: a finished 2-epoch run; commands run in tmp (export writes tmp/models)."""
     root = tmp_path_factory.mktemp("runs-cmd")
     t0 = time.monotonic()
-    p = raycls("train", "--num-workers", "1", "--epochs", "2", "--model-width", "4",
-               "--storage-path", "runs", "--name", "done", cwd=root, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    log = root / "train.log"  # a file, not a pipe nobody reads while polling (it could fill)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycls", "train", "--num-workers", "1", "--epochs", "2",
+         "--model-width", "4", "--storage-path", "runs", "--name", "done"],
+        cwd=root, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    seen = []  # the states `raycls runs` reports while the real driver works
+    while proc.poll() is None and time.monotonic() - t0 < 600:
+        if (root / "runs" / "done").is_dir():
+            from raycls.runs import list_runs
+
+            seen += [(e["state"], e["pid"]) for e in list_runs(str(root / "runs"))]
+        time.sleep(0.5)
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     print(f"raycls train: {time.monotonic() - t0:.0f} s")
+    assert ("running", proc.pid) in seen, seen
+    assert not (root / "runs" / "done" / "driver.pid").exists(), "the marker outlived the driver"
     return root
 
 
