@@ -163,8 +163,11 @@ def read_train_run(folder: Path, storage: str) -> dict[str, Any]:
         entry["next"] = (f"serve run raycls.deploy model={bundle}" if bundle
                          else f"raycls export {folder}")
     else:
+        # the best kept checkpoint so far: what `raycls export` of it would take
+        best = max(metas, key=lambda m: (m.get("metrics") or {}).get("val_acc", 0.0), default={})
         entry.update(epochs_done=metas[-1]["epoch"] + 1 if metas else 0,
-                     val_acc=max((m.get("best_val_acc", 0.0) for m in metas), default=None))
+                     val_acc=max((m.get("best_val_acc", 0.0) for m in metas), default=None),
+                     checkpoint=best.get("_dir"))
         if marker:
             entry.update(state="running", next=None)
         elif isinstance(error, dict) and error:
@@ -241,7 +244,7 @@ def storage_dir(storage: str) -> Path:
 
 def list_runs(storage: str) -> list[dict[str, Any]]:
     """Every run and search directly under `storage`, newest activity first."""
-    root = storage_dir(storage)
+    root = storage_dir(storage).resolve()  # absolute paths in the commands it prints
     shown = storage if os.path.isabs(storage) else os.path.abspath(storage)
     entries = []
     for folder in root.iterdir():

@@ -71,6 +71,7 @@ def copy_unfinished(work: Path, name: str) -> Path:
     return dst
 
 
+@pytest.mark.ray  # the module's real `raycls train` starts a local Ray
 def test_finished_run_listed_and_its_export_command_works(work, capsys, monkeypatch):
     result = json.loads((work / "runs" / "done" / "result.json").read_text())
     monkeypatch.chdir(work)  # bundles are looked for in models/<name>, export's default output
@@ -98,6 +99,7 @@ def test_finished_run_listed_and_its_export_command_works(work, capsys, monkeypa
     assert e["bundle"] == "models/done"
 
 
+@pytest.mark.ray  # the module's real `raycls train` starts a local Ray
 def test_show_prints_result_history_and_files(work, capsys):
     capsys.readouterr()
     assert cli_main(["runs", "show", "done", "--storage-path", str(work / "runs")]) == 0
@@ -114,6 +116,7 @@ def test_show_prints_result_history_and_files(work, capsys):
     assert [h["epoch"] for h in shown["history"]] == [1, 2] and shown["test_acc"] is not None
 
 
+@pytest.mark.ray  # the module's real `raycls train` starts a local Ray
 def test_interrupted_and_failed_runs_say_how_to_resume(work, capsys):
     copy_unfinished(work, "stopped")
     failed = copy_unfinished(work, "broken")
@@ -127,6 +130,7 @@ def test_interrupted_and_failed_runs_say_how_to_resume(work, capsys):
         # the command train.py prints on Ctrl-C and on failure
         assert e["next"] == f"raycls train --resume {name} --storage-path {storage}"
     assert runs["broken"]["error"] == "12 unreadable images"
+    assert Path(runs["stopped"]["checkpoint"]).parent == storage / "stopped"  # best kept so far
     assert cli_main(["runs", "--storage-path", str(storage)]) == 0
     assert "broken: failed: 12 unreadable images" in capsys.readouterr().out
     # the printed resume command is accepted (checked up to the point where Ray would start)
@@ -134,6 +138,7 @@ def test_interrupted_and_failed_runs_say_how_to_resume(work, capsys):
     assert p.returncode == 0 and "run stopped would train" in p.stdout, p.stderr[-2000:]
 
 
+@pytest.mark.ray  # the module's real `raycls train` starts a local Ray
 def test_running_while_the_driver_lives(work, capsys):
     run = copy_unfinished(work, "live")
     # a real driver process: mark_running as train.py calls it, then waits for its stdin
@@ -157,6 +162,7 @@ def test_running_while_the_driver_lives(work, capsys):
     assert listing(work / "runs", capsys)["live"]["state"] == "interrupted"
 
 
+@pytest.mark.ray  # the module's real `raycls train` starts a local Ray
 def test_search_folders(work, tmp_path, capsys):
     from raycls.config import TrainConfig
     from raycls.search import SETTINGS_FILE, SUMMARY_FILE, SearchSettings
