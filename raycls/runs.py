@@ -168,10 +168,14 @@ def read_train_run(folder: Path, storage: str) -> dict[str, Any]:
         entry.update(epochs_done=metas[-1]["epoch"] + 1 if metas else 0,
                      val_acc=max((m.get("best_val_acc", 0.0) for m in metas), default=None),
                      checkpoint=best.get("_dir"))
-        if marker:
+        # an error written after the live driver started is its own (it is about to exit, or a
+        # program that called run_training goes on); an older one is from the attempt before
+        if isinstance(error, dict) and error and (not marker or _mtime([folder / TRAIN_ERROR])
+                                                  >= _mtime([folder / PID_FILE])):
+            entry.update(state="failed", error=next(iter(error.values())), next=resume,
+                         pid=None)
+        elif marker:
             entry.update(state="running", next=None)
-        elif isinstance(error, dict) and error:
-            entry.update(state="failed", error=next(iter(error.values())), next=resume)
         else:
             entry.update(state="interrupted", next=resume)
     entry["updated"] = _mtime([folder, folder / TRAIN_RESULT, folder / TRAIN_ERROR]
@@ -272,6 +276,12 @@ def _epochs(e: dict[str, Any]) -> str:
     return f"{e.get('epochs_done') or 0}/{planned if planned else '?'}"
 
 
+def _reason(e: dict[str, Any]) -> str:
+    """One line of an error: a worker's traceback ends with the exception's own line."""
+    lines = [line.strip() for line in str(e["error"]).splitlines() if line.strip()]
+    return lines[-1] if lines else "?"
+
+
 def _next(e: dict[str, Any]) -> str:
     if e["state"] == "running":
         return f"(running, pid {e['pid']})"
@@ -288,14 +298,15 @@ def print_table(entries: list[dict[str, Any]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     for e in entries:
         if e["error"]:
-            print(f"{e['name']}: {e['state']}: {e['error']}")
+            print(f"{e['name']}: {e['state']}: {_reason(e)}")
 
 
 def print_show(e: dict[str, Any]) -> None:
     print(f"{e['kind']} {e['name']}: {e['state']}, epochs {_epochs(e)}, best val_acc "
           f"{_acc(e['val_acc'])}, test_acc {_acc(e['test_acc'])}")
     if e["error"]:
-        print(f"error: {e['error']}")
+        where = " (in full: error.json there)" if e["kind"] == "train" else ""
+        print(f"error: {_reason(e)}{where}")
     if e["kind"] == "train":
         c = e["config"]
         keys = ["dataset", "model", "num_workers", "num_epochs", "batch_size", "optimizer", "lr",
@@ -372,16 +383,24 @@ def main(args: argparse.Namespace) -> int:
     except RunsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.action == "show":
+    try:
+        output(args, found[0] if args.action == "show" else None, entries)
+    except BrokenPipeError:  # `raycls runs | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def output(args: argparse.Namespace, one: dict[str, Any] | None,
+           entries: list[dict[str, Any]]) -> None:
+    if one is not None:
         if args.json:
-            print(json.dumps(_public(found[0]), indent=2, default=str))
+            print(json.dumps(_public(one), indent=2, default=str))
         else:
-            print_show(found[0])
-        return 0
+            print_show(one)
+        return
     if args.json:
         print(json.dumps([_public(e) for e in entries], indent=2, default=str))
     elif not entries:
         print(f"no runs or searches in {args.storage_path} yet (`raycls train` writes them there)")
     else:
         print_table(entries)
-    return 0

@@ -240,3 +240,24 @@ def test_imports_neither_torch_nor_ray(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.ray
+def test_workers_failing_for_good_leave_a_failed_run(ray_session, tmp_path, capsys):
+    """train.py writes error.json when Train gives up after a checkpoint (TrainingFailedError),
+    so the run is listed as failed with the worker's error, not as interrupted."""
+    from raycls.config import TrainConfig
+    from raycls.train import RunError, run_training
+
+    cfg = TrainConfig(num_workers=1, num_epochs=2, model_width=4, max_failures=0,
+                      storage_path=str(tmp_path / "runs"), name="crash",
+                      extra={"fail_at_epoch": 1, "fail_marker": str(tmp_path / "marker")})
+    with pytest.raises(RunError, match="--resume crash"):
+        run_training(cfg)
+    e = listing(tmp_path / "runs", capsys)["crash"]
+    assert (e["state"], e["epochs_done"]) == ("failed", 1)
+    assert "injected failure at epoch 1" in e["error"]
+    assert e["next"] == f"raycls train --resume crash --storage-path {tmp_path / 'runs'}"
+    assert cli_main(["runs", "--storage-path", str(tmp_path / "runs")]) == 0
+    assert "crash: failed: RuntimeError: injected failure at epoch 1 on rank 0" in \
+        capsys.readouterr().out
