@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("raycls.evaluate", "test-split accuracy and reports of a bundle"),
     "data": ("raycls.datatools", "convert image folders to sharded Parquet; inspect a dataset"),
     "validate": ("raycls.validate", "validate cluster, Serve and KubeRay configs offline"),
+    "runs": ("raycls.runs", "list runs and searches: state, accuracy, the command to run next"),
 }
 
 

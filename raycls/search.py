@@ -33,6 +33,7 @@ from ray.train import UserCallback
 from ray.tune import Callback
 
 from raycls.config import ConfigError, TrainConfig
+from raycls.runs import mark_running
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "tune"  # editable presets in the checkout
 SCHEDULERS = ("asha", "pbt", "random", "grid")
@@ -650,6 +651,7 @@ def run_search(
                                      streaming=data.mode == "stream")
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+    mark_running(exp)  # driver.pid while this driver lives: `raycls runs` shows "running"
 
     trainable = tune.with_resources(
         tune.with_parameters(train_driver, data=data, train_storage=str(exp / "train-runs")),

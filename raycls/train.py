@@ -51,6 +51,7 @@ from raycls.models import (
     save_checkpoint,
     verify_checkpoint,
 )
+from raycls.runs import mark_running
 
 # Datasets whose labels change under a mirror image (a flipped 2 is no digit): no random flips.
 NO_FLIP_DATASETS = ("digits", "mnist")
@@ -656,6 +657,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     if "://" not in cfg.storage_path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "raycls_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        mark_running(run_dir)  # driver.pid while this driver lives: `raycls runs` shows "running"
     print(
         f"[raycls] run {cfg.name}: {data.header()}, model {cfg.model}, "
         f"{cfg.num_workers} worker(s), {cfg.num_epochs} epochs, batch {cfg.batch_size} -> "
@@ -682,6 +684,8 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     except ray.train.TrainingFailedError as e:
         logs = f" (Ray's logs: {run_dir / 'ray.log'})" if console else ""
         if not forget_unstarted_run(run_dir, cfg.storage_path):
+            if "://" not in cfg.storage_path:  # `raycls runs` shows it failed, not interrupted
+                (run_dir / RUN_ERROR_FILE).write_text(json.dumps({"training_error": str(e)}))
             raise RunError(
                 f"training failed: {e}\nThe run's checkpoints are kept{logs}: continue it with "
                 f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`"
