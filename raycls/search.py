@@ -533,6 +533,11 @@ def run_search(
     settings.validate()
     cfg = trial_config(settings)
     # Ray starts before anything imports it (build_space does): see the note at the imports
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        # a search runs ~10 Python processes per running trial (trial, queues, Train controller
+        # and workers), most on no CPU; the raylet warns past 4x this, which defaults to the CPUs
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency",
+                              str(max(8, os.cpu_count() or 1)))
     init_ray(address, min_cpus=stream_cpus(cfg), log_to_driver=verbose or not console)
     if console and not verbose:  # after ray.init, which sets up the "ray" logger afresh
         capture_driver_logs()
