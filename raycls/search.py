@@ -7,7 +7,8 @@ Reads top to bottom:
    builds and forwards every epoch's metrics *and checkpoint* to Tune, so ASHA can stop a trial
    and PBT can clone one (the trial hands `tune.get_checkpoint()` to the workers as `resume_from`);
 3. schedulers (ASHA, PBT with PBA-style policy explore, FIFO for random/grid) and searchers;
-4. `run_search`: `Tuner.fit` or `Tuner.restore`, a live progress table, then the reports (ranked
+4. `run_search`: `Tuner.fit` or `Tuner.restore` with one console line per trial event and
+   Ctrl-C that keeps the search (raycls.search_console), then the reports (ranked
    CSV, val_acc plot, best config, the best trial's augmentation schedule) and the export of the
    best checkpoint through the parity gate to `models/<search name>/`;
 5. the command.
