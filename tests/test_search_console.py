@@ -117,4 +117,7 @@ def test_ctrl_c_keeps_the_search_and_resume_finishes(tmp_path):
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["errors"] == [] and summary["num_trials"] == 1
     assert ",done," in (exp / "results.csv").read_text()
-    assert console_lines(p)[-1].startswith("[raycls] serve it:")
+    lines = console_lines(p)
+    assert [line for line in lines if not line.startswith(PREFIXES)] == [], lines
+    assert lines[-1].startswith("[raycls] serve it:")
+    assert any(" restarted after epoch " in line or " started: " in line for line in lines)
