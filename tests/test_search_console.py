@@ -121,3 +121,24 @@ def test_ctrl_c_keeps_the_search_and_resume_finishes(tmp_path):
     assert [line for line in lines if not line.startswith(PREFIXES)] == [], lines
     assert lines[-1].startswith("[raycls] serve it:")
     assert any(" restarted after epoch " in line or " started: " in line for line in lines)
+
+
+def test_ctrl_c_handler_first_raises_then_after_tune_exits_at_once():
+    """No Ray started: before Tune takes SIGINT over, Ctrl-C is a KeyboardInterrupt; once Tune
+    has set up its callbacks (and handed SIGINT back after its own stop), it exits with 130."""
+    code = (
+        "import os, signal\n"
+        "from raycls.search_console import CtrlC\n"
+        "with CtrlC() as c:\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('first: KeyboardInterrupt', flush=True)\n"
+        "    c.setup()\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('not reached')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert p.stdout.splitlines() == ["first: KeyboardInterrupt"]
