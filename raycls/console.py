@@ -166,11 +166,7 @@ def collect_ray_logs(run_dir: Path) -> Path | None:
 
 
 def ray_logs_dir() -> str | None:
-    """Ray's log folder for this session. Ray 2.60 has no public call for it (issue: move into
-    the Ray compatibility module)."""
-    try:
-        from ray._private.worker import _global_node
+    """Ray's log folder for this session (None for a client of a remote cluster)."""
+    from raycls.raycompat import session_logs_dir
 
-        return os.path.join(_global_node.get_session_dir_path(), "logs")
-    except (ImportError, AttributeError):
-        return None
+    return session_logs_dir()

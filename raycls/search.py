@@ -7,7 +7,8 @@ Reads top to bottom:
    builds and forwards every epoch's metrics *and checkpoint* to Tune, so ASHA can stop a trial
    and PBT can clone one (the trial hands `tune.get_checkpoint()` to the workers as `resume_from`);
 3. schedulers (ASHA, PBT with PBA-style policy explore, FIFO for random/grid) and searchers;
-4. `run_search`: `Tuner.fit` or `Tuner.restore`, a live progress table, then the reports (ranked
+4. `run_search`: `Tuner.fit` or `Tuner.restore` with one console line per trial event and
+   Ctrl-C that keeps the search (raycls.search_console), then the reports (ranked
    CSV, val_acc plot, best config, the best trial's augmentation schedule) and the export of the
    best checkpoint through the parity gate to `models/<search name>/`;
 5. the command.
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -29,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
-from ray.tune import Callback
-
+# No Ray import at module level: `raycls search` imports this module to parse its flags, and a new
+# local Ray must get its settings (RAY_AUTH_MODE, see raycls.train.init_ray) before Ray's first
+# import. The classes that subclass Ray's callbacks live in raycls.tune_callbacks.
 from raycls.config import ConfigError, TrainConfig
+from raycls.console import capture_driver_logs, collect_ray_logs
+from raycls.interrupt import EXIT_INTERRUPTED, Interrupted, second_interrupt_exits
 from raycls.runs import mark_running
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "tune"  # editable presets in the checkout
@@ -266,26 +270,6 @@ def check_policies(settings: SearchSettings, info: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the trainable
 
 
-class ForwardToTune(UserCallback):
-    """Ray Train callback (runs in the Train controller): hands each report's metrics and
-    checkpoint to the Tune trial, then waits until the trial has persisted that checkpoint.
-    Ray's own TuneReportCallback forwards only metrics (and the checkpoint's path), which gives
-    Tune no checkpoint to restore or for PBT to clone; and the wait matters because Train
-    deletes an older checkpoint as soon as a newer one arrives."""
-
-    ACK_TIMEOUT_S = 600.0
-
-    def __init__(self, reports: Any, acks: Any):
-        self.reports, self.acks = reports, acks
-
-    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-        self.reports.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint})
-        try:
-            self.acks.get(timeout=self.ACK_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - the trial is gone (stopped); its actors go with it
-            pass
-
-
 def train_run_name(trial_id: str, checkpoint_path: str) -> str:
     """Trial-stable Train run name: a retried trial that starts from the same Tune checkpoint
     resumes the same Train run; a trial restored from another checkpoint (a PBT exploit, a resume
@@ -301,6 +285,7 @@ def train_driver(config: dict[str, Any], data: Any, train_storage: str) -> None:
     from ray.util.queue import Queue
 
     from raycls.train import build_trainer
+    from raycls.tune_callbacks import ForwardToTune
 
     trial_id = tune.get_context().get_trial_id()
     resume_from, checkpoint = "", tune.get_checkpoint()  # ray: PBT exploit or a restored trial
@@ -481,99 +466,6 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-class ProgressTable(Callback):
-    """Live table: one row per trial (config, epoch, val_acc, best, status), printed when a
-    trial ends and at most every `every_s` seconds while results arrive."""
-
-    def __init__(self, keys: list[str], max_epochs: int, every_s: float = 20.0) -> None:
-        self.keys, self.max_epochs, self.every_s = keys, max_epochs, every_s
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.last = 0.0
-
-    def _row(self, trial: Any, result: dict | None = None) -> None:
-        row = self.rows.setdefault(trial.trial_id, {"epoch": 0, "val_acc": None, "best": 0.0})
-        row["config"] = summarize_config(trial.config, self.keys)
-        row["status"] = trial.status
-        if result and METRIC in result:
-            row.update(epoch=result.get("epoch", 0), val_acc=result[METRIC],
-                       best=max(row["best"], result[METRIC]))
-
-    def _print(self, trials: list, title: str) -> None:
-        for t in trials:
-            self._row(t)
-        body = [
-            [tid, r["config"], f"{r['epoch']}/{self.max_epochs}",
-             "-" if r["val_acc"] is None else f"{r['val_acc']:.4f}", f"{r['best']:.4f}",
-             r["status"]]
-            for tid, r in sorted(self.rows.items())
-        ]
-        table = format_table(body, ["trial", "config", "epoch", "val_acc", "best", "status"])
-        print(f"\n== {title} ({time.strftime('%H:%M:%S')})\n{table}\n", flush=True)
-        self.last = time.monotonic()
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._row(trial, result)
-        if time.monotonic() - self.last >= self.every_s:
-            self._print(trials, "search progress")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._print(trials, f"trial {trial.trial_id} finished")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._print(trials, f"trial {trial.trial_id} ERRORED")
-
-
-class ReleaseOrphans(Callback):
-    """Frees the Train workers of trials Tune has ended.
-
-    Tune ends a trial by ending its actor (ASHA stop, PBT pause, even after the last epoch), and
-    the Train controller that actor owned dies with it, leaving its workers' placement group
-    reserved: the job (this driver) is still alive, so Ray keeps it. Ray Train's own
-    PlacementGroupCleaner should remove it, but it asks the State API, which needs the dashboard
-    and guesses the cluster's address (it picked another user's cluster on a shared machine).
-    Without this, after the first trials end every next Train run waits for CPUs forever."""
-
-    def __init__(self, every_s: float = 2.0) -> None:
-        self.every_s, self.last = every_s, 0.0
-
-    def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            release_orphaned_placement_groups()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        release_orphaned_placement_groups()
-
-    on_trial_error = on_trial_complete
-
-
-def release_orphaned_placement_groups() -> int:
-    """Remove this job's placement groups whose creating actor is dead; returns how many."""
-    import ray
-    from ray._private.state import state  # private: creator info has no public API in 2.60
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    job = ray.get_runtime_context().get_job_id()
-    removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (
-            pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
-            or pg.is_detached
-            or not pg.creator_actor_dead
-            or ray.ActorID(pg.creator_actor_id).is_nil()  # made by a driver: "dead" from birth
-            or ray.JobID(pg.creator_job_id).hex() != job
-        ):
-            continue
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-        except Exception:  # noqa: BLE001 - removed meanwhile (e.g. by Ray's own cleaner)
-            pass
-    return removed
-
-
 # ----------------------------------------------------------------------------- the search
 
 
@@ -629,22 +521,45 @@ def newest_unfinished(storage: Path) -> str:
 
 
 def run_search(
-    settings: SearchSettings, resume: bool = False, address: str | None = None
+    settings: SearchSettings, resume: bool = False, address: str | None = None,
+    console: bool = False, verbose: bool = False, prog: str = "raycls search",
 ) -> dict[str, Any]:
     """Run (or resume) a search, write its reports, export the winner. Returns the summary;
-    `summary["errors"]` lists failed trials (the command then exits 1)."""
-    import ray
-    from ray import tune
-
+    `summary["errors"]` lists failed trials (the command then exits 1). `console`: the command's
+    quiet console (raycls.search_console): Ray's output is kept for the search's ray.log, shown
+    live with `verbose`. A Ctrl-C raises Interrupted, whose message is the `prog --resume` line."""
     from raycls.ingest import prepare_data
     from raycls.train import init_ray, stream_cpus
 
     settings, exp = prepare(settings, resume)
     settings.validate()
     cfg = trial_config(settings)
+    # Ray starts before anything imports it (build_space does): see the note at the imports
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        # a search runs ~10 Python processes per running trial (trial, queues, Train controller
+        # and workers), most on no CPU; the raylet warns past 4x this, which defaults to the CPUs
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency",
+                              str(max(8, os.cpu_count() or 1)))
+    init_ray(address, min_cpus=stream_cpus(cfg), log_to_driver=verbose or not console)
+    if console and not verbose:  # after ray.init, which sets up the "ray" logger afresh
+        capture_driver_logs()
+    try:
+        return search_and_report(settings, exp, cfg, resume, console, prog, prepare_data)
+    finally:
+        if console and exp.is_dir():
+            collect_ray_logs(exp)
+
+
+def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, resume: bool,
+                      console: bool, prog: str, prepare_data: Any) -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    from raycls.search_console import CtrlC, TrialLines, quiet_tune
+    from raycls.tune_callbacks import ReleaseOrphans
+
     space = build_space(settings, cfg)
     scheduler, searcher = build_scheduler(settings), build_searcher(settings)
-    init_ray(address, min_cpus=stream_cpus(cfg))
     data, ds = prepare_data(cfg)  # ray: memory: one copy in the object store for all trials
     check_policies(settings, data.info)
     concurrency = derive_concurrency(settings, ray.cluster_resources(),
@@ -662,9 +577,12 @@ def run_search(
         f"[raycls] search {settings.name}: {settings.scheduler} over {', '.join(keys)}; "
         f"{settings.num_samples} trial(s) x <= {settings.max_epochs} epochs, "
         f"{concurrency} at a time, {cfg.num_workers} worker(s) each, on {data.header()} "
-        f"-> {exp}",
+        f"-> {exp}" + (" (Ray's own logs: ray.log there)" if console else ""),
         flush=True,
     )
+    quiet_tune()
+    ctrl_c = CtrlC()
+    callbacks = [TrialLines(keys, settings.max_epochs), ReleaseOrphans(), ctrl_c]
     t0 = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(str(exp)):
@@ -690,13 +608,35 @@ def run_search(
                 # an errored trial restarts from its newest Tune checkpoint (train_driver passes
                 # it to the workers as resume_from); Train's own retries come first
                 failure_config=tune.FailureConfig(max_failures=settings.max_trial_failures),
-                callbacks=[ProgressTable(keys, settings.max_epochs), ReleaseOrphans()],
-                verbose=0,  # the progress table above replaces Tune's own
+                callbacks=callbacks,
+                verbose=0,  # TrialLines replaces Tune's progress output
             ),
         )
-    grid = tuner.fit()  # ray: does NOT raise when trials fail; errors are checked below
+    try:
+        with ctrl_c:
+            grid = tuner.fit()  # ray: does NOT raise when trials fail; errors are checked below
+    except KeyboardInterrupt:  # before Tune took Ctrl-C over
+        interrupted(settings, exp, prog, started=resume or tune.Tuner.can_restore(str(exp)))
+    if ctrl_c.interrupted:
+        interrupted(settings, exp, prog, started=True)
     elapsed = time.perf_counter() - t0
     return report(settings, exp, grid, (data, ds), keys, elapsed)
+
+
+def interrupted(settings: SearchSettings, exp: Path, prog: str, started: bool) -> None:
+    """Raise Interrupted saying what was kept and the exact command that continues the search."""
+    second_interrupt_exits()
+    if not started:  # only the settings file: a --resume could not continue it, so it goes
+        shutil.rmtree(exp, ignore_errors=True)
+        raise Interrupted("interrupted before the search started; nothing was kept") from None
+    raise Interrupted(
+        f"interrupted; the search's state and the trials' checkpoints are kept in {exp}. "
+        f"Continue it with `{resume_command(settings, prog)}`") from None
+
+
+def resume_command(settings: SearchSettings, prog: str) -> str:
+    """What `prepare(resume=True)` takes: the name and where it lives (the rest is saved)."""
+    return f"{prog} --resume --name {settings.name} --storage-path {settings.storage_path}"
 
 
 # ----------------------------------------------------------------------------- reports
@@ -812,7 +752,9 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
     body = [[i, r["trial_id"], r["status"], "-" if r["val_acc"] is None else f"{r['val_acc']:.4f}",
              r["best_epoch"] or "-", r["epochs"], summarize_config(r["config"], keys, 90)]
             for i, r in enumerate(rows, 1)]
-    print(f"\n== search {settings.name}: results ({elapsed:.0f} s)\n{format_table(body, header)}\n")
+    table = format_table(body, header).splitlines()
+    print("\n".join([f"[raycls] search {settings.name}: results ({elapsed:.0f} s)",
+                     *(f"[raycls]   {line.rstrip()}" for line in table)]), flush=True)
     write_csv(rows, keys, exp / "results.csv")
     plot_trials(rows, exp / "val_acc.png", f"{settings.name}: val_acc per trial")
     errors = [
@@ -856,13 +798,13 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
             flush=True,
         )
     if errors:
-        print(f"\nerror: {len(errors)} of {len(rows)} trial(s) failed:", file=sys.stderr)
+        print(f"error: {len(errors)} of {len(rows)} trial(s) failed:", file=sys.stderr)
         for e in errors:
             first = e["error"].strip().splitlines()[-1] if e["error"].strip() else "?"
-            print(f"  trial {e['trial_id']} ({e['config']}): {first}\n"
-                  f"    details: {e['error_file']}", file=sys.stderr)
-        print(f"fix the cause, then continue with: python tune/search.py --resume --name "
-              f"{settings.name} --storage-path {settings.storage_path}", file=sys.stderr)
+            print(f"error:   trial {e['trial_id']} ({e['config']}): {first}\n"
+                  f"error:     details: {e['error_file']}", file=sys.stderr)
+        print("error: fix the cause, then continue with: "
+              f"{resume_command(settings, 'python tune/search.py')}", file=sys.stderr)
     elif summary["best"] is None:
         print("error: no trial produced a checkpoint; nothing to export", file=sys.stderr)
     elif settings.export:
@@ -928,6 +870,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join: host:port or 'auto' (default: $RAY_ADDRESS, "
                              "else a new local Ray on this machine)")
     parser.add_argument("--json", action="store_true", help="print the summary as the last line")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and Tune's own output live (default: off: raycls's lines "
+                        "only; Ray's go to ray.log in the search directory)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the preset, the flags and every searched choice, print the "
                         "search that would start, and exit without starting Ray")
@@ -954,7 +899,15 @@ def main(args: argparse.Namespace) -> int:
     from raycls.export import ExportError
 
     try:
-        summary = run_search(settings, resume=args.resume, address=args.address)
+        summary = run_search(settings, resume=args.resume, address=args.address, console=True,
+                             verbose=args.verbose, prog=getattr(args, "prog", "raycls search"))
+    except (Interrupted, KeyboardInterrupt) as e:  # the latter: before the search started
+        from raycls.train import shutdown_ray
+
+        shutdown_ray()  # for a local Ray, every Ray process of the search
+        print(f"[raycls] {e or 'interrupted before the search started'}", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
     except (SearchError, ConfigError, DataError, ExportError, BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -971,8 +924,5 @@ def cli(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return main(args)
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    args.prog = "python tune/search.py"  # the resume command names the entry point used
+    return main(args)
