@@ -488,10 +488,12 @@ def prepare(settings: SearchSettings, resume: bool) -> tuple[SearchSettings, Pat
         saved = exp / SETTINGS_FILE
         if not saved.is_file():
             raise SearchError(f"--resume {name}: no search at {exp} (no {SETTINGS_FILE})")
-        if (exp / SUMMARY_FILE).is_file():
+        if search_finished(exp):
             raise SearchError(
                 f"--resume {name}: the search already finished ({exp}/{SUMMARY_FILE})"
             )
+        # a summary of failed trials is replaced by the resumed search's own
+        (exp / SUMMARY_FILE).unlink(missing_ok=True)
         previous = SearchSettings(**json.loads(saved.read_text()))
         # the search's own settings, not today's flags: trials must stay comparable
         return dataclasses.replace(previous, storage_path=storage, name=name), exp
@@ -508,10 +510,19 @@ def prepare(settings: SearchSettings, resume: bool) -> tuple[SearchSettings, Pat
     return dataclasses.replace(settings, storage_path=storage, name=name), exp
 
 
+def search_finished(exp: Path) -> bool:
+    """Finished means done with it: a summary without failed trials. One with failed trials is
+    continued by --resume (Tune retries the errored trials), as the error message says."""
+    try:
+        summary = json.loads((exp / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return not (isinstance(summary, dict) and summary.get("errors"))
+
+
 def newest_unfinished(storage: Path) -> str:
     found = sorted(
-        (p.parent for p in storage.glob(f"*/{SETTINGS_FILE}")
-         if not (p.parent / SUMMARY_FILE).exists()),
+        (p.parent for p in storage.glob(f"*/{SETTINGS_FILE}") if not search_finished(p.parent)),
         key=lambda p: p.stat().st_mtime,
     )
     if not found:

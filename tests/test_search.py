@@ -8,6 +8,7 @@ PBT scenarios start their own Ray in a subprocess and are marked slow.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -226,6 +227,13 @@ def test_a_trial_that_raises_fails_the_search(ray_session, tmp_path, capsys):
     assert not (tmp_path / "models" / "failing").exists()  # no export from a failed search
     rows = (tmp_path / "runs" / "failing" / "results.csv").read_text()
     assert "ERROR" in rows and "done" in rows
+    # the printed `--resume --name failing` is accepted (Tune then retries the errored trial)
+    from raycls.search import SUMMARY_FILE, newest_unfinished, prepare, resolve_settings
+
+    settings = resolve_settings(preset, {"storage_path": str(tmp_path / "runs")})
+    assert newest_unfinished(tmp_path / "runs") == "failing"
+    resumed, exp = prepare(dataclasses.replace(settings, name="failing"), resume=True)
+    assert resumed.name == "failing" and not (exp / SUMMARY_FILE).exists()
 
 
 @pytest.mark.ray
