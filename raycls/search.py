@@ -825,11 +825,8 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
 
 
 def export_best(settings: SearchSettings, checkpoint: str) -> str:
-    import torch
+    from raycls.export import export_bundle  # caps its own torch threads for the gate
 
-    from raycls.export import export_bundle
-
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = Path(settings.models_dir) / settings.name
     export_bundle(checkpoint, out, data_dir=settings.data_dir, overwrite=False,
                   log=lambda m: print(f"[raycls] export: {m}", flush=True))
