@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,20 +260,23 @@ class MlflowEpochs(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
         if self.failed or not metrics or "epoch" not in metrics[0]:
             return
-        try:
-            if self.run_id is None:
-                self.client = open_client(self.uri)
-                self.run_id = find_or_create(self.client, self.experiment, self.directory,
-                                             self.name, self.params, self.parent)
-            log_epoch(self.client, self.run_id, metrics[0])
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            self.failed = True
-            print(f"warning: MLflow logging stopped for {self.name}: {e}", file=sys.stderr)
+        for attempt in range(3):  # trials share a sqlite store: a write can meet a lock
+            try:
+                if self.run_id is None:
+                    self.client = open_client(self.uri)
+                    self.run_id = find_or_create(self.client, self.experiment, self.directory,
+                                                 self.name, self.params, self.parent)
+                log_epoch(self.client, self.run_id, metrics[0])
+                return
+            except Exception as e:  # noqa: BLE001 - tracking must never stop training
+                if attempt == 2:
+                    self.failed = True
+                    print(f"warning: MLflow logging stopped for {self.name}: {e}",
+                          file=sys.stderr)
+                time.sleep(1.0)
 
 
 def log_epoch(client, run_id: str, metrics: dict[str, Any]) -> None:
-    import time
-
     from mlflow.entities import Metric
 
     now, step = int(time.time() * 1000), int(metrics["epoch"])

@@ -189,11 +189,12 @@ def test_a_search_logs_trials_side_by_side_and_nested(ray_session, tmp_path, mon
     children = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 2
+    assert len(children) == 2, [c.data.tags for c in children]
     assert sorted(c.data.params["lr"] for c in children) == ["0.05", "0.2"]
     for child in children:
         assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1], \
+            child.data.tags
     best = [c for c in children if c.data.tags.get("raycls.best") == "true"]
     assert len(best) == 1 and best[0].data.tags["raycls.dir"] == str(
         exp / f"trial-{summary['best']['trial_id']}")
