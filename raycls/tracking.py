@@ -426,9 +426,11 @@ def close_search(uri: str, exp: Path, name: str, rows: list[dict[str, Any]],
 
 
 def tune_loggers() -> list:
-    """Tune's CSV and JSON trial loggers, passed explicitly, and Tune's switch that stops it from
-    adding its own TensorBoard logger (tensorboardX), whose `ray/tune/*` charts would sit beside
-    raycls's in every trial directory. The CSV files are what a restored search reads back."""
+    """A new search's Tune loggers: CSV and JSON (what a restored search reads back), passed
+    explicitly, and Tune's switch that stops it adding its own tensorboardX logger, whose
+    `ray/tune/*` charts would sit beside raycls's in every trial directory. Only for a new
+    search: a restored one keeps the callbacks it was started with, and one started before
+    raycls passed these must keep Tune's automatic CSV logger (it then gets Tune's charts too)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read when Tuner.fit starts
