@@ -80,8 +80,8 @@ class Board:
         """One val batch: uint8 (B, C, H, W) images, labels, predicted classes, valid rows."""
         if not self.on:
             return
-        keep = keep.cpu()
-        y, p = labels.cpu()[keep], preds.cpu()[keep]
+        keep = keep.cpu().bool()
+        y, p = labels.cpu().long()[keep], preds.cpu().long()[keep]
         k = len(self.classes)
         self.confusion += torch.bincount(y * k + p, minlength=k * k)
         room = SAMPLE_IMAGES - len(self.samples)

@@ -710,6 +710,8 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
             collect_ray_logs(run_dir)
     train_time = time.perf_counter() - t0
     stopped = read_run_error(cfg)  # a deterministic error the workers stopped on, not retried
+    if stopped:
+        tracking.end(mlflow_run, "FAILED")
     if "config_error" in stopped:
         forget_unstarted_run(run_dir, cfg.storage_path)
         raise ConfigError(stopped["config_error"])
