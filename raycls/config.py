@@ -65,6 +65,10 @@ class TrainConfig:
     storage_path: str = "./runs"
     name: str = ""  # run name; empty = a fresh unique one
     resume_from: str = ""  # checkpoint directory to start from (set by Tune for PBT / retries)
+
+    # --- tracking (see raycls.tracking) ---
+    tensorboard: bool = True  # rank 0 writes TensorBoard event files into the run directory
+    mlflow_uri: str = ""  # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else no MLflow
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. fault injection in tests
 
     def __post_init__(self) -> None:

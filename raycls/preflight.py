@@ -3,7 +3,8 @@
 `check_config(cfg)` answers in about a second what would otherwise fail a minute later inside
 every worker (and be retried by `--max-failures`): names against the registries (model,
 dataset), paths that must exist (a local dataset, mnist's files in `--data-dir`, `--pretrained`,
-`--resume-from`, `--aug-policy-file`), and policy strings against the dataset's image size. Each
+`--resume-from`, `--aug-policy-file`), policy strings against the dataset's image size, and
+that MLflow is installed when `--mlflow-uri` (or $MLFLOW_TRACKING_URI) asks for it. Each
 problem is a `ConfigError` reading `field=value: why; the fix`, which the commands print as
 `error: ...` with exit status 2. `raycls train` and `raycls search` both call it; what can only be
 known from the data (an imagefolder's classes, unreadable files) is still checked when it loads.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import glob
+import importlib.util
+import os
 from pathlib import Path
 
 from raycls.config import ConfigError, TrainConfig
@@ -121,9 +124,20 @@ def check_checkpoint(cfg: TrainConfig) -> None:
                   str(e).removeprefix(f"{cfg.resume_from}: ")) from None
 
 
+def check_tracking(cfg: TrainConfig) -> None:
+    """MLflow is an optional extra: asked for (--mlflow-uri or $MLFLOW_TRACKING_URI) and absent
+    is said now, without importing it (raycls.tracking imports it when a run starts)."""
+    uri = cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and importlib.util.find_spec("mlflow") is None:
+        field = "mlflow_uri" if cfg.mlflow_uri else "MLFLOW_TRACKING_URI"
+        raise bad(field, uri, "MLflow is not installed; pip install 'raycls[mlflow]'"
+                  + ("" if cfg.mlflow_uri else " (or unset MLFLOW_TRACKING_URI)"))
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Every input of a run that can be checked without Ray or the data; raises ConfigError."""
     dataset, image_size = dataset_shape(cfg)
     check_policies(cfg, dataset, image_size)
     check_model(cfg)
     check_checkpoint(cfg)
+    check_tracking(cfg)

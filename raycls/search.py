@@ -60,6 +60,7 @@ RESERVED = {
     "use_gpu": "use --gpus-per-trial",
     "dataset": "use --dataset (dataset in the preset)",
     "data_dir": "use --data-dir (data_dir in the preset)",
+    "mlflow_uri": "use --mlflow-uri",
 }
 
 
@@ -95,6 +96,7 @@ class SearchSettings:
     models_dir: str = "models"
     export: bool = True
     seed: int = 0  # seeds the searcher and PBT's explore
+    mlflow_uri: str = ""  # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else no MLflow
     base: dict[str, Any] = field(default_factory=dict)  # fixed TrainConfig fields of every trial
     space: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> distribution
     mutations: dict[str, list] = field(default_factory=dict)  # PBT: field -> values to resample
@@ -279,11 +281,14 @@ def train_run_name(trial_id: str, checkpoint_path: str) -> str:
     return f"train-{trial_id}-from-{hashlib.sha1(checkpoint_path.encode()).hexdigest()[:8]}"
 
 
-def train_driver(config: dict[str, Any], data: Any, train_storage: str) -> None:
-    """One Tune trial: fit a TorchTrainer on the trial's TrainConfig, forwarding every epoch."""
+def train_driver(config: dict[str, Any], data: Any, train_storage: str,
+                 track: dict[str, Any] | None = None) -> None:
+    """One Tune trial: fit a TorchTrainer on the trial's TrainConfig, forwarding every epoch.
+    `track`: tracking.start_search's answer (TensorBoard and MLflow for the trial)."""
     from ray import tune
     from ray.util.queue import Queue
 
+    from raycls import tracking
     from raycls.train import build_trainer
     from raycls.tune_callbacks import ForwardToTune
 
@@ -300,7 +305,10 @@ def train_driver(config: dict[str, Any], data: Any, train_storage: str) -> None:
     )
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, data, callbacks=[ForwardToTune(reports, acks)])
+    board, logging_callbacks = tracking.for_trial(track, trial_id, cfg)
+    # the trackers first: Tune may end the trial as soon as ForwardToTune hands over its last epoch
+    trainer = build_trainer(cfg, data, callbacks=[*logging_callbacks, ForwardToTune(reports, acks)],
+                            board_dir=board)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:  # Train's fit blocks, so it runs beside the loop that reports to Tune
@@ -418,6 +426,7 @@ def trial_config(settings: SearchSettings) -> TrainConfig:
             **base, "dataset": settings.dataset, "data_dir": settings.data_dir,
             "num_epochs": settings.max_epochs, "num_workers": workers,
             "cpus_per_worker": max(1, cpus // workers), "use_gpu": settings.gpus_per_trial > 0,
+            "mlflow_uri": settings.mlflow_uri,
         })
     except TypeError as e:
         raise ConfigError(f"base: {e}") from None
@@ -566,6 +575,7 @@ def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, res
     import ray
     from ray import tune
 
+    from raycls import tracking
     from raycls.search_console import CtrlC, TrialLines, quiet_tune
     from raycls.tune_callbacks import ReleaseOrphans
 
@@ -578,9 +588,11 @@ def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, res
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(settings), indent=2))
     mark_running(exp)  # driver.pid while this driver lives: `raycls runs` shows "running"
+    track = tracking.start_search(settings, exp)  # TensorBoard dirs; MLflow's parent run
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_driver, data=data, train_storage=str(exp / "train-runs")),
+        tune.with_parameters(train_driver, data=data, train_storage=str(exp / "train-runs"),
+                             track=track),
         TRIAL_RESOURCES,
     )
     keys = sorted(set(settings.space) | set(settings.mutations) | {"aug_policy"})
@@ -619,7 +631,7 @@ def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, res
                 # an errored trial restarts from its newest Tune checkpoint (train_driver passes
                 # it to the workers as resume_from); Train's own retries come first
                 failure_config=tune.FailureConfig(max_failures=settings.max_trial_failures),
-                callbacks=callbacks,
+                callbacks=[*callbacks, *tracking.tune_loggers()],
                 verbose=0,  # TrialLines replaces Tune's progress output
             ),
         )
@@ -753,6 +765,7 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
            keys: list[str], elapsed: float) -> dict[str, Any]:
     """The ranked table, results.csv, the plot, the best trial's files and its export.
     `data` is prepare_data's (RunData, Dataset or None), for the best trial's test accuracy."""
+    from raycls import tracking
     from raycls.augment import save_policy_schedule
     from raycls.ingest import test_batches
     from raycls.models import read_checkpoint_meta
@@ -820,6 +833,7 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
         print("error: no trial produced a checkpoint; nothing to export", file=sys.stderr)
     elif settings.export:
         summary["bundle"] = export_best(settings, summary["best"]["checkpoint"])
+    tracking.finish_search(settings, exp, rows, summary)  # MLflow artifacts; where to look
     (exp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -853,6 +867,8 @@ FLAGS: list[tuple[str, type, str]] = [
     ("max_trial_failures", int, "Tune retries of an errored trial, from its newest checkpoint"),
     ("models_dir", str, "where the winner's bundle is written (models/<name>)"),
     ("seed", int, "seeds the searcher and PBT's explore"),
+    ("mlflow_uri", str, "also log to MLflow at this tracking URI, trials nested under the "
+     "search's run (needs `pip install 'raycls[mlflow]'`); default $MLFLOW_TRACKING_URI"),
 ]
 
 

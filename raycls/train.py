@@ -142,12 +142,13 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches, *, mean, std, device):
-    """(sum of losses, number correct, count) over valid rows: summed so ranks can add."""
+def evaluate_batches(model, batches, *, mean, std, device, observe=None):
+    """(sum of losses, number correct, count) over valid rows: summed so ranks can add.
+    `observe(images, labels, predictions, valid)` sees every batch (tracking.Board)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y, valid in batches:
-        x = normalise(x.to(device), mean, std)
+    for images, y, valid in batches:
+        x = normalise(images.to(device), mean, std)
         y = y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x).float()
@@ -155,6 +156,8 @@ def evaluate_batches(model, batches, *, mean, std, device):
         loss_sum += F.cross_entropy(logits[keep], y[keep], reduction="sum").item()
         correct += (logits.argmax(1) == y)[keep].sum().item()
         count += int(keep.sum())
+        if observe is not None:
+            observe(images, y, logits.argmax(1), keep)
     return loss_sum, correct, count
 
 
@@ -288,6 +291,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from raycls.tracking import Board
+
     cfg = TrainConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     ctx = ray.train.get_context()  # ray:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -341,6 +346,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             console.line(f"resumed from {restore_dir} ({meta['epoch'] + 1} epochs done"
                 + (", the interrupted epoch is read again from its start)"
                    if data.streaming else ")"))
+    # TensorBoard: every rank counts val predictions, rank 0 writes (into `_board`, if given)
+    board = Board(config.get("_board"), rank, start_epoch, info["classes"])
 
     mean_std = {"mean": mean, "std": std}
     for epoch in range(start_epoch, cfg.num_epochs):
@@ -367,7 +374,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # the plain module, not DDP: DDP's forward syncs buffers (a collective), and val shares
         # may differ by a batch between ranks (seen here: a hang)
         val_loss, correct, count = evaluate_batches(
-            unwrap(model), data.val_batches(), device=device, **mean_std
+            unwrap(model), data.val_batches(), device=device, observe=board.observe, **mean_std
         )
         loss_sum, seen_all, val_loss, correct, count = all_sum(
             [train_loss * seen, seen, val_loss, correct, count], device
@@ -380,6 +387,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_loss": val_loss / max(1, count),
             "val_acc": correct / max(1, count),
             "images_per_s": seen_all / max(train_time, 1e-9),  # all ranks step in lockstep
+            "lr": scheduler.get_last_lr()[0],  # where the schedule ended this epoch
             "epoch_time_s": time.perf_counter() - t0,
             "train_time_s": train_time,
             "aug_policy": augment.policy,
@@ -401,6 +409,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop_early = cfg.early_stop_patience and stale >= cfg.early_stop_patience
         metrics["should_stop"] = bool(stop_early)
         history.append(metrics)  # carried in every checkpoint, so restarts keep the whole story
+        board.epoch(metrics, last=bool(stop_early) or epoch + 1 == cfg.num_epochs, device=device)
 
         rngs = gather_rng(generator, device, world)
         with tempfile.TemporaryDirectory(prefix="raycls-ckpt-") as tmp:
@@ -559,9 +568,11 @@ def forget_unstarted_run(run_dir: Path, storage_path: str) -> bool:
     return True
 
 
-def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None):
+def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None,
+                  board_dir: str | None = None):
     """The TorchTrainer for a run; shared by `raycls train` and each Tune trial. `console`: the
-    driver's queue for rank 0's lines and progress (None: rank 0 prints them)."""
+    driver's queue for rank 0's lines and progress (None: rank 0 prints them). `board_dir`:
+    where rank 0 writes TensorBoard event files (None: none)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -581,6 +592,8 @@ def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None)
         loop_data = {"_data": data.memory_ref}
     if console is not None:
         loop_data["_console"] = console
+    if board_dir:
+        loop_data["_board"] = board_dir
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), **loop_data},
@@ -640,6 +653,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     import ray
     import ray.train
 
+    from raycls import tracking
     from raycls.ingest import prepare_data, test_batches
 
     cfg = resolve_run(cfg, resume)
@@ -654,6 +668,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
         )
     check_policies(cfg, data.info)
     run_dir = Path(cfg.storage_path) / cfg.name
+    mlflow_run = tracking.start_training(cfg, run_dir)  # None unless MLflow is asked for
     if "://" not in cfg.storage_path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "raycls_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -668,11 +683,13 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     clear_run_error(cfg)  # a resumed run starts without the error it stopped on
     queue = open_channel() if console else None
     view = Console(queue) if console else None
+    trainer = build_trainer(cfg, data, console=queue, board_dir=tracking.board_dir(cfg, run_dir),
+                            callbacks=mlflow_run.callbacks() if mlflow_run else None)
     try:
-        result = fit_interruptibly(build_trainer(cfg, data, console=queue),
-                                   idle=view.drain if view else None)
+        result = fit_interruptibly(trainer, idle=view.drain if view else None)
     except KeyboardInterrupt:
         second_interrupt_exits()
+        tracking.end(mlflow_run, "KILLED")
         kept = newest_epoch(run_dir) if "://" not in cfg.storage_path else None
         if kept == 0 and forget_unstarted_run(run_dir, cfg.storage_path):
             raise Interrupted("interrupted before the first epoch ended; nothing was kept (the "
@@ -682,6 +699,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
             + (f" (newest: epoch {kept})" if kept else "") + ". Continue it with "
             f"`raycls train --resume {cfg.name} --storage-path {cfg.storage_path}`") from None
     except ray.train.TrainingFailedError as e:
+        tracking.end(mlflow_run, "FAILED")
         logs = f" (Ray's logs: {run_dir / 'ray.log'})" if console else ""
         if not forget_unstarted_run(run_dir, cfg.storage_path):
             if "://" not in cfg.storage_path:  # `raycls runs` shows it failed, not interrupted
@@ -696,6 +714,8 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
             collect_ray_logs(run_dir)
     train_time = time.perf_counter() - t0
     stopped = read_run_error(cfg)  # a deterministic error the workers stopped on, not retried
+    if stopped:
+        tracking.end(mlflow_run, "FAILED")
     if "config_error" in stopped:
         forget_unstarted_run(run_dir, cfg.storage_path)
         raise ConfigError(stopped["config_error"])
@@ -735,6 +755,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
         f"{summary['best_epoch']}), {train_time:.1f}s; best checkpoint {summary['checkpoint']}",
         flush=True,
     )
+    tracking.finish_training(cfg, run_dir, mlflow_run, summary)  # artifacts; where to look
     return summary
 
 
@@ -806,6 +827,11 @@ FLAG_HELP = {  # every TrainConfig field's flag; add_arguments appends the defau
     "name": "run name (a folder under --storage-path); empty = a fresh unique one",
     "resume_from": "start a new run from this checkpoint folder (weights, optimizer, epoch); "
     "continues training a finished run",
+    "tensorboard": "write TensorBoard event files (per-epoch scalars, confusion matrix, sample "
+    "predictions) into the run folder: `tensorboard --logdir <storage-path>`",
+    "mlflow_uri": "also log to MLflow at this tracking URI (e.g. sqlite:///mlflow.db or "
+    "http://host:5000; needs `pip install 'raycls[mlflow]'`); empty = $MLFLOW_TRACKING_URI, "
+    "else off",
 }
 CHOICES = {"optimizer": ("sgd", "adamw"), "data_mode": ("auto", "memory", "stream")}
 SKIP_FLAGS = {"extra"}
