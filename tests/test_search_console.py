@@ -75,6 +75,7 @@ def test_search_console_is_raycls_lines_and_ray_goes_to_the_log(tmp_path):
     assert "(RayTrainWorker pid=" in verbose.stdout + verbose.stderr  # Ray's output, live
 
 
+@pytest.mark.slow  # ~3.5 minutes: a search, its Ctrl-C, its resume (train: default run)
 @pytest.mark.ray
 def test_ctrl_c_keeps_the_search_and_resume_finishes(tmp_path):
     epochs = 4
