@@ -200,3 +200,14 @@ def test_a_search_logs_trials_side_by_side_and_nested(ray_session, tmp_path, mon
         exp / f"trial-{summary['best']['trial_id']}")
     assert json.loads((exp / "summary.json").read_text())["mlflow"]["run_id"] == \
         parent.info.run_id
+
+
+def test_an_unreachable_mlflow_store_is_one_clear_line(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from raycls.config import ConfigError
+    from raycls.tracking import start_training
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries for minutes
+    with pytest.raises(ConfigError, match=r"^mlflow_uri=http://127.0.0.1:9: the MLflow store "
+                                          r"cannot be used: "):
+        start_training(TrainConfig(mlflow_uri="http://127.0.0.1:9", name="x"), tmp_path / "x")
