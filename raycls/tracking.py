@@ -273,7 +273,8 @@ class MlflowEpochs(UserCallback):
                     self.failed = True
                     print(f"warning: MLflow logging stopped for {self.name}: {e}",
                           file=sys.stderr)
-                time.sleep(1.0)
+                else:
+                    time.sleep(1.0)
 
 
 def log_epoch(client, run_id: str, metrics: dict[str, Any]) -> None:
@@ -307,7 +308,28 @@ class TrainingRun:
 
 def start_training(cfg: TrainConfig, run_dir: Path) -> TrainingRun | None:
     """The run's MLflow run when MLflow is asked for (None otherwise)."""
-    return TrainingRun(cfg, run_dir) if mlflow_uri(cfg.mlflow_uri) else None
+    uri = mlflow_uri(cfg.mlflow_uri)
+    if not uri:
+        return None
+    with store_errors(uri):
+        return TrainingRun(cfg, run_dir)
+
+
+class store_errors:
+    """An MLflow store that cannot be used when a run or search starts is one clear line (a
+    ConfigError naming the URI), not MLflow's traceback; nothing has trained yet."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> None:
+        if error is not None and not isinstance(error, ConfigError | KeyboardInterrupt):
+            first = (str(error).strip().splitlines() or [kind.__name__])[0][:300]
+            raise ConfigError(f"mlflow_uri={self.uri}: the MLflow store cannot be used: "
+                              f"{first}") from None
 
 
 def end(run: Any, status: str) -> None:
@@ -357,7 +379,8 @@ def start_search(settings: Any, exp: Path) -> dict[str, Any]:
     track: dict[str, Any] = {"exp": str(exp), "mlflow": None}
     uri = mlflow_uri(settings.mlflow_uri)
     if uri:
-        parent = SearchRun(uri, exp, settings.name, dataclasses.asdict(settings))
+        with store_errors(uri):
+            parent = SearchRun(uri, exp, settings.name, dataclasses.asdict(settings))
         track["mlflow"] = {"uri": uri, "experiment": parent.experiment, "parent": parent.run_id}
     return track
 

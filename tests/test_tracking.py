@@ -162,7 +162,7 @@ def test_a_search_logs_trials_side_by_side_and_nested(ray_session, tmp_path, mon
     uri, client = mlflow_client(tmp_path, monkeypatch)
     settings = SearchSettings(
         name="tracked", storage_path=str(tmp_path / "runs"), models_dir=str(tmp_path / "models"),
-        scheduler="random", num_samples=2, max_epochs=1, max_concurrent_trials=2,
+        scheduler="grid", num_samples=1, max_epochs=1, max_concurrent_trials=2,  # 2 lr values
         base={"max_failures": 0, "batch_size": 64}, space={"lr": [0.05, 0.2]}, mlflow_uri=uri,
     )
     summary = run_search(settings)
@@ -182,7 +182,7 @@ def test_a_search_logs_trials_side_by_side_and_nested(ray_session, tmp_path, mon
     (parent,) = client.search_runs([experiment.experiment_id],
                                    filter_string="tags.`raycls.kind` = 'search'")
     assert parent.info.run_id == summary["mlflow"]["run_id"]
-    assert parent.info.status == "FINISHED" and parent.data.params["num_samples"] == "2"
+    assert parent.info.status == "FINISHED" and parent.data.params["scheduler"] == "grid"
     assert {"results.csv", "val_acc.png", "best_config.json"} <= artifacts(client,
                                                                            parent.info.run_id)
     assert {"bundle.json", "model.onnx"} <= artifacts(client, parent.info.run_id, "bundle")
@@ -200,3 +200,14 @@ def test_a_search_logs_trials_side_by_side_and_nested(ray_session, tmp_path, mon
         exp / f"trial-{summary['best']['trial_id']}")
     assert json.loads((exp / "summary.json").read_text())["mlflow"]["run_id"] == \
         parent.info.run_id
+
+
+def test_an_unreachable_mlflow_store_is_one_clear_line(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from raycls.config import ConfigError
+    from raycls.tracking import start_training
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries for minutes
+    with pytest.raises(ConfigError, match=r"^mlflow_uri=http://127.0.0.1:9: the MLflow store "
+                                          r"cannot be used: "):
+        start_training(TrainConfig(mlflow_uri="http://127.0.0.1:9", name="x"), tmp_path / "x")
