@@ -32,11 +32,13 @@ def test_console_shows_raycls_lines_and_ray_goes_to_the_log(tmp_path):
     strangers = [line for line in lines if not line.startswith(PREFIXES)]
     assert not strangers, "not raycls's lines:\n" + "\n".join(strangers[:20])
     assert lines[0].startswith("[raycls] run quiet:") and "ray.log" in lines[0]
-    assert lines[-1].startswith("[raycls] done: test_acc")
+    assert lines[-2].startswith("[raycls] done: test_acc")
+    run_dir = tmp_path / "runs" / "quiet"
+    assert lines[-1] == f"[raycls] TensorBoard: tensorboard --logdir {run_dir}"
     assert any(line.startswith("[raycls] epoch 1/2: step ") and "images/s, eta" in line
                for line in lines), "no progress line inside an epoch"
     assert sum(line.startswith("[raycls] epoch 2/2 train_loss") for line in lines) == 1
-    log = (tmp_path / "runs" / "quiet" / "ray.log").read_text()
+    log = (run_dir / "ray.log").read_text()
     assert "Reporting training result 1" in log  # Ray Train's own words, kept for the record
 
     verbose = train(tmp_path, "--epochs", "1", "--verbose")
