@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_interrupt import drain, group_members, read_until
+from tests.pty_run import ctrl_c_under_pty, group_members
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIXES = ("[raycls] ", "error: ")  # raycls.search_console.LINE_PREFIXES, as documented
@@ -83,22 +82,9 @@ def test_ctrl_c_keeps_the_search_and_resume_finishes(tmp_path):
                   base={"max_failures": 0, "batch_size": 8})  # ~2 s epochs on 2 cores
     common = ["--preset", slow, "--name", "ctrl-c", "--storage-path", str(tmp_path / "runs"),
               "--models-dir", str(tmp_path / "models")]
-    master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, str(REPO / "tune" / "search.py"), *common],
-                            stdin=slave, stdout=slave, stderr=slave, env=ENV,
-                            start_new_session=True)  # its own group, as a shell's foreground job
-    os.close(slave)
-    try:
-        seen = read_until(master, f"epoch 1/{epochs}: val_acc", timeout=240)
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        t0 = time.monotonic()
-        rc = proc.wait(timeout=60)
-        stopped_in = time.monotonic() - t0
-        seen += drain(master)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        os.close(master)
+    pid, rc, seen, stopped_in = ctrl_c_under_pty(
+        [sys.executable, str(REPO / "tune" / "search.py"), *common], ENV,
+        f"epoch 1/{epochs}: val_acc")
     print(f"stopped {stopped_in:.1f}s after SIGINT")
     assert rc == 130, seen[-3000:]
     assert stopped_in < 20, f"took {stopped_in:.1f}s to stop"
@@ -107,7 +93,7 @@ def test_ctrl_c_keeps_the_search_and_resume_finishes(tmp_path):
               f"{tmp_path / 'runs'}")
     assert resume in seen, seen[-2000:]
     time.sleep(2)
-    assert group_members(proc.pid) == [], "Ray processes of the search are still alive"
+    assert group_members(pid) == [], "Ray processes of the search are still alive"
     exp = tmp_path / "runs" / "ctrl-c"
     assert not (exp / "summary.json").exists()
 
@@ -121,7 +107,7 @@ def test_ctrl_c_keeps_the_search_and_resume_finishes(tmp_path):
     lines = console_lines(p)
     assert [line for line in lines if not line.startswith(PREFIXES)] == [], lines
     assert lines[-1].startswith("[raycls] serve it:")
-    assert any(" restarted after epoch " in line or " started: " in line for line in lines)
+    assert any(" restarted after epoch " in line or " started: " in line for line in lines), lines
 
 
 def test_ctrl_c_handler_first_raises_then_after_tune_exits_at_once():
