@@ -835,6 +835,10 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
         summary["bundle"] = export_best(settings, summary["best"]["checkpoint"])
     tracking.finish_search(settings, exp, rows, summary)  # MLflow artifacts; where to look
     (exp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if summary.get("bundle"):  # the last lines: what to do next
+        out = summary["bundle"]
+        print(f"[raycls] bundle: {out}\n[raycls] serve it: serve run raycls.deploy model={out}",
+              flush=True)
     return summary
 
 
@@ -844,8 +848,6 @@ def export_best(settings: SearchSettings, checkpoint: str) -> str:
     out = Path(settings.models_dir) / settings.name
     export_bundle(checkpoint, out, data_dir=settings.data_dir, overwrite=False,
                   log=lambda m: print(f"[raycls] export: {m}", flush=True))
-    print(f"[raycls] bundle: {out}\n[raycls] serve it: serve run raycls.deploy model={out}",
-          flush=True)
     return str(out)
 
 
