@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 # `raycls train` and `raycls search` both default to ./runs (TrainConfig.storage_path and
-# SearchSettings.storage_path; tests/test_runs.py checks they still agree). Not imported from
-# raycls.search, which imports Ray.
+# SearchSettings.storage_path; tests/test_runs.py checks they still agree). The file names below
+# are the ones train.py and search.py write: they take them from here.
 DEFAULT_STORAGE = "./runs"
 PID_FILE = "driver.pid"
 TRAIN_CONFIG = "raycls_config.json"
 TRAIN_RESULT = "result.json"
-TRAIN_ERROR = "error.json"  # = raycls.train.RUN_ERROR_FILE
-SEARCH_SETTINGS = "raycls_search.json"  # = raycls.search.SETTINGS_FILE
-SEARCH_SUMMARY = "summary.json"  # = raycls.search.SUMMARY_FILE
+TRAIN_ERROR = "error.json"  # raycls.train.RUN_ERROR_FILE
+SEARCH_SETTINGS = "raycls_search.json"  # raycls.search.SETTINGS_FILE
+SEARCH_SUMMARY = "summary.json"  # raycls.search.SUMMARY_FILE
 MODELS_DIR = "models"  # `raycls export`'s default output is models/<run name>
 
 

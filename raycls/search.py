@@ -37,14 +37,14 @@ from typing import Any
 from raycls.config import ConfigError, TrainConfig
 from raycls.console import capture_driver_logs, collect_ray_logs
 from raycls.interrupt import EXIT_INTERRUPTED, Interrupted, second_interrupt_exits
-from raycls.runs import mark_running
+from raycls.runs import SEARCH_SETTINGS, SEARCH_SUMMARY, mark_running
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "tune"  # editable presets in the checkout
 SCHEDULERS = ("asha", "pbt", "random", "grid")
 SEARCHERS = ("random", "optuna")
 METRIC, MODE = "val_acc", "max"  # the search objective everywhere
-SETTINGS_FILE = "raycls_search.json"  # in the experiment dir: what --resume continues
-SUMMARY_FILE = "summary.json"  # written last: its presence means the search finished
+SETTINGS_FILE = SEARCH_SETTINGS  # in the experiment dir: what --resume continues
+SUMMARY_FILE = SEARCH_SUMMARY  # written last: the search ended (see search_finished)
 # A trial only waits on its Train run, so it takes no CPU (that would starve the Train workers
 # on a 2-core machine). Tune refuses an empty request, so it asks for a sliver of the head node's
 # marker resource: trial drivers run beside the search driver, the Train workers anywhere.

@@ -51,7 +51,7 @@ from raycls.models import (
     save_checkpoint,
     verify_checkpoint,
 )
-from raycls.runs import mark_running
+from raycls.runs import TRAIN_CONFIG, TRAIN_ERROR, mark_running
 
 # Datasets whose labels change under a mirror image (a flipped 2 is no digit): no random flips.
 NO_FLIP_DATASETS = ("digits", "mnist")
@@ -440,7 +440,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
-RUN_ERROR_FILE = "error.json"  # {"config_error" | "data_error": message}, in the run folder
+RUN_ERROR_FILE = TRAIN_ERROR  # {"config_error" | "data_error": message}, in the run folder
 
 
 def _run_error_path(cfg: TrainConfig):
@@ -531,7 +531,7 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
         for ckpt in sorted(run_dir.glob("checkpoint_*")):
             if (ckpt / "meta.json").exists():  # no meta.json = never finished, never used
                 verify_checkpoint(ckpt)  # refuse to resume into a corrupted checkpoint
-        saved = run_dir / "raycls_config.json"
+        saved = run_dir / TRAIN_CONFIG
         if saved.exists():  # resume with the run's own config, not today's defaults
             previous = json.loads(saved.read_text())
             cfg = TrainConfig.from_dict({**previous, "storage_path": storage, "name": resume})
@@ -671,7 +671,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     mlflow_run = tracking.start_training(cfg, run_dir)  # None unless MLflow is asked for
     if "://" not in cfg.storage_path:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "raycls_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (run_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         mark_running(run_dir)  # driver.pid while this driver lives: `raycls runs` shows "running"
     print(
         f"[raycls] run {cfg.name}: {data.header()}, model {cfg.model}, "
