@@ -250,7 +250,7 @@ def start_ray(num_cpus: int = 2, env: dict[str, str] | None = None):
 
     os.environ.update(env or {})
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from raycls.train import local_ray_options
+    from raycls.ray_session import local_ray_options
 
     ray.init(
         address="local",

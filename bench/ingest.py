@@ -267,8 +267,8 @@ def run_stream(spec: dict[str, Any]) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from raycls.config import TrainConfig
+    from raycls.ray_session import local_ray_options
     from raycls.stream import data_config, open_stream
-    from raycls.train import local_ray_options
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(

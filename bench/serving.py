@@ -42,6 +42,8 @@ from typing import Any
 import harness
 import numpy as np
 
+from raycls.ray_session import free_port
+
 # mode -> (models, concurrencies, seconds per point {model: s}, rounds, default-mode levels,
 #          default-mode models)
 SETTINGS = {
@@ -136,12 +138,6 @@ def ceiling(bundle_path: str, pngs: list[bytes], seconds: float) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_free(port: int) -> bool:

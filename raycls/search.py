@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 # No Ray import at module level: `raycls search` imports this module to parse its flags, and a new
-# local Ray must get its settings (RAY_AUTH_MODE, see raycls.train.init_ray) before Ray's first
+# local Ray must get its settings (RAY_AUTH_MODE: raycls.ray_session.init_ray) before the first Ray
 # import. The classes that subclass Ray's callbacks live in raycls.tune_callbacks.
 from raycls.config import ConfigError, TrainConfig
 from raycls.console import capture_driver_logs, collect_ray_logs
@@ -549,7 +549,8 @@ def run_search(
     quiet console (raycls.search_console): Ray's output is kept for the search's ray.log, shown
     live with `verbose`. A Ctrl-C raises Interrupted, whose message is the `prog --resume` line."""
     from raycls.ingest import prepare_data
-    from raycls.train import init_ray, stream_cpus
+    from raycls.ray_session import init_ray
+    from raycls.train import stream_cpus
 
     settings, exp = prepare(settings, resume)
     settings.validate()
@@ -928,7 +929,7 @@ def main(args: argparse.Namespace) -> int:
         summary = run_search(settings, resume=args.resume, address=args.address, console=True,
                              verbose=args.verbose, prog=getattr(args, "prog", "raycls search"))
     except (Interrupted, KeyboardInterrupt) as e:  # the latter: before the search started
-        from raycls.train import shutdown_ray
+        from raycls.ray_session import shutdown_ray
 
         shutdown_ray()  # for a local Ray, every Ray process of the search
         print(f"[raycls] {e or 'interrupted before the search started'}", file=sys.stderr,

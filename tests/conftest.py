@@ -36,7 +36,7 @@ def ray_session(tmp_path_factory):
         for k in SERVE_FAST_ENV:
             os.environ.pop(k, None)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from raycls.train import local_ray_options
+    from raycls.ray_session import local_ray_options
 
     ray.init(
         address="local",  # always a fresh cluster of our own, never someone else's `ray start`

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from raycls.ray_session import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).parent / "ray"
@@ -83,12 +84,6 @@ def stop_pids(marks: list[str], grace_s: float = 5.0) -> set[int]:
         if not pids:
             break
     return pids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def node_ip() -> str:

@@ -23,7 +23,8 @@ CAPPED_RUN = textwrap.dedent("""
     import json, resource, sys
     import ray
     from raycls.config import TrainConfig
-    from raycls.train import local_ray_options, run_training
+    from raycls.ray_session import local_ray_options
+    from raycls.train import run_training
 
     ray.init(address="local", num_cpus=3, object_store_memory=int(sys.argv[2]) * 2**20,
              include_dashboard=False, **local_ray_options())

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from raycls.ray_session import free_port  # noqa: F401  (tests import it from here)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -63,12 +64,6 @@ def haproxy_port_env() -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(25000 + 100 * block),
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(25000 + 100 * block + 99),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
