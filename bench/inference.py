@@ -3,8 +3,8 @@
     python bench/inference.py --quick
 
 The model is the default `resnet_small` at Fashion-MNIST's shape (1x28x28), exported by
-`raycls.export.export_onnx` (uint8 in, normalisation inside the graph) and quantized by
-`raycls.export.quantize_int8` (static QDQ, calibrated on real training images), exactly what a
+`raycls.onnx_model.export_onnx` (uint8 in, normalisation inside the graph) and quantized by
+`raycls.onnx_model.quantize_int8` (static QDQ, calibrated on real training images), exactly what a
 bundle ships. PyTorch runs the same wrapped module (`UInt8Classifier`) under
 `torch.inference_mode()`. Both sides use one thread, so the shared machine's other load moves them
 alike; blocks of calls alternate (torch, ORT FP32, ORT INT8, ...) and medians are compared.
@@ -24,8 +24,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from raycls.export import UInt8Classifier, export_onnx, quantize_int8
 from raycls.models import build_model
+from raycls.onnx_model import UInt8Classifier, export_onnx, quantize_int8
 
 SETTINGS = {  # mode -> (dataset, calls per block, rounds)
     "tiny": ("digits", 3, 1),

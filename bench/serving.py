@@ -84,8 +84,8 @@ def make_bundle(kind: str, root: Path, tiny: bool) -> dict[str, Any]:
     import torch
 
     from raycls.bundle import write_bundle
-    from raycls.export import export_onnx
     from raycls.models import build_model
+    from raycls.onnx_model import export_onnx
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

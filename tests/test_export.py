@@ -17,19 +17,14 @@ import pytest
 import torch
 
 from raycls import export as export_mod
+from raycls import onnx_model
 from raycls.bundle import INT8_MODEL_FILE, MODEL_FILE, load_bundle
 from raycls.cli import main as cli_main
 from raycls.config import TrainConfig
 from raycls.data import load_dataset
-from raycls.export import (
-    ExportError,
-    check_parity,
-    export_bundle,
-    export_onnx,
-    normalise,
-    resolve_checkpoint,
-)
+from raycls.export import ExportError, export_bundle, resolve_checkpoint
 from raycls.models import build_model, save_checkpoint
+from raycls.onnx_model import check_parity, export_onnx, normalise
 
 
 def train_digits_checkpoint(directory: Path, steps: int = 60, width: int = 4) -> dict:
@@ -88,7 +83,7 @@ def test_exported_graph_passes_checker_and_has_the_bundle_signature(exported) ->
     _, data, model_bytes = exported
     proto = onnx.load_from_string(model_bytes)
     onnx.checker.check_model(proto, full_check=True)
-    assert proto.ir_version <= export_mod.MAX_IR_VERSION
+    assert proto.ir_version <= onnx_model.MAX_IR_VERSION
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
@@ -144,7 +139,7 @@ def test_parity_gate_names_the_top1_limit(exported) -> None:
 def test_broken_export_writes_no_bundle(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     real_export = export_mod.export_onnx
 
-    def export_a_different_model(model, data, opset=export_mod.OPSET):
+    def export_a_different_model(model, data, opset=onnx_model.OPSET):
         other = copy.deepcopy(model)
         with torch.no_grad():
             other.head.weight.mul_(1.5)

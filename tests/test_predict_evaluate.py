@@ -22,9 +22,10 @@ from raycls.bundle import load_bundle
 from raycls.cli import main as cli_main
 from raycls.config import TrainConfig
 from raycls.data import load_dataset
-from raycls.export import export_bundle, normalise
+from raycls.export import export_bundle
 from raycls.images import decode_image
 from raycls.models import build_model, save_checkpoint
+from raycls.onnx_model import normalise
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO / ".." / "shared" / "datasets"
