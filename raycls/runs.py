@@ -11,6 +11,9 @@ once):
 - both: `driver.pid`, the marker written here by `mark_running` while the driver lives. A folder
   without a finished/failed file is *running* while that pid is alive (and is the same process:
   its start time is recorded too, so a reused pid does not count), else *interrupted*.
+
+One job in about 400 lines: reading a folder, its table row and its `show` view are one record
+(state, epochs, accuracy, next step) read and printed; split, each field would live in two files.
 """
 
 from __future__ import annotations
