@@ -93,7 +93,7 @@ def stream_runs(ray_session, stream_tree, tmp_path_factory):
     """Two streaming runs on 2 workers, trained once for the session and exported:
     `imagefolder` from the tree, with rank 1 hard-killed (os._exit) after 2 batches of epoch 2,
     and `parquet` from what `raycls data convert` wrote from the same tree."""
-    from raycls.datatools import convert
+    from raycls.convert import convert
 
     tmp = tmp_path_factory.mktemp("stream-runs")
     marker = tmp / "killed"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raycls.datatools import UsageError, convert, inspect
+from raycls.convert import convert
+from raycls.datatools import UsageError, inspect
 from raycls.images import decode_image
 from raycls.sources import open_source
 from tests.imagetree import make_jpeg_tree, make_tree
