@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from raycls.board import EPOCH_SCALARS, Board
 from raycls.config import TrainConfig
-from raycls.tracking import EPOCH_SCALARS, Board
 
 
 def events(folder: Path):
