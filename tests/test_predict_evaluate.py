@@ -24,8 +24,7 @@ from raycls.config import TrainConfig
 from raycls.data import load_dataset
 from raycls.export import export_bundle
 from raycls.images import decode_image
-from raycls.models import build_model, save_checkpoint
-from raycls.onnx_model import normalise
+from tests.digits_checkpoint import train_digits_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO / ".." / "shared" / "datasets"
@@ -37,28 +36,10 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train 150 AdamW steps on digits (width 8, ~98% test accuracy), then export it for real."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    data = digits.describe()
-    model = build_model("resnet_small", 10, 1, 8, width=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        idx = torch.randint(0, len(digits.train), (64,))
-        x = normalise(digits.train.images[idx], data["mean"], data["std"])
-        loss = torch.nn.functional.cross_entropy(model(x), digits.train.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     root = tmp_path_factory.mktemp("pe")
-    meta = {
-        "config": TrainConfig(model_width=8).to_dict(),
-        "data": data,
-        "epoch": 1,
-        "metrics": {"val_acc": 0.9, "test_acc": 0.9},
-    }
-    save_checkpoint(root / "ckpt", {"model": model.eval().state_dict()}, meta)
+    train_digits_checkpoint(root / "ckpt", steps=150, width=8)
     return export_bundle(root / "ckpt", root / "models" / "digits", log=lambda _: None)
 
 
