@@ -150,6 +150,8 @@ def port_free(port: int) -> bool:
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Until `url` answers 200 (the serving tests wait with this one too); raises TimeoutError
+    with the last answer, or RuntimeError as soon as `proc` has exited."""
     import httpx
 
     deadline, last = time.monotonic() + timeout, ""
@@ -160,11 +162,11 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             r = httpx.get(url, timeout=5)
             if r.status_code == 200:
                 return
-            last = f"{r.status_code}"
+            last = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as e:
-            last = type(e).__name__
+            last = repr(e)
         time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s ({last})")
+    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 60) -> None:

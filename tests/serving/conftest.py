@@ -24,6 +24,10 @@ from raycls.ray_session import free_port  # noqa: F401  (tests import it from he
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))  # bundles.py helpers
+# bench/serving.py's wait_ready is the one copy (tests import it from here); bench/ goes last on
+# the path so none of its modules shadows anything
+sys.path.append(str(REPO / "bench"))
+from serving import wait_ready  # noqa: E402
 
 SERVE_MODE = os.environ.get("RAYCLS_TEST_SERVE_MODE", "fast")
 LAYOUT = os.environ.get("RAYCLS_TEST_SERVE_LAYOUT", "single")
@@ -149,22 +153,6 @@ def deploy_config(cfg: dict[str, Any]) -> None:
     from raycls.raycompat import serve_deploy
 
     serve_deploy(cfg)
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    import httpx
-
-    deadline, last = time.monotonic() + timeout, ""
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(url, timeout=5)
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as e:
-            last = repr(e)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_ready
 
 from raycls.predict import predict_files
 
@@ -41,17 +42,3 @@ def test_served_streaming_bundle_answers_like_predict(serve_stack, stream_runs, 
                 assert a["probability"] == pytest.approx(b["probability"], abs=1e-6), f
     finally:
         serve.delete(f"stream-{kind}", _blocking=False)
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
