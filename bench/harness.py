@@ -19,10 +19,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +264,20 @@ def start_ray(num_cpus: int = 2, env: dict[str, str] | None = None):
         **local_ray_options(),
     )
     return ray
+
+
+@contextmanager
+def training_run(
+    ds, cfg, prefix: str = "raycls-bench-"
+) -> Iterator[tuple[dict[str, Any], float, Path]]:
+    """`raycls train` through `run_training`, into a temporary storage path removed afterwards:
+    yields (summary, wall seconds, run folder) while the run's files are still there."""
+    from raycls.train import run_training
+
+    storage = tempfile.mkdtemp(prefix=prefix)
+    try:
+        t0 = time.perf_counter()
+        summary = run_training(cfg.replace(storage_path=storage, name=""), dataset=ds)
+        yield summary, time.perf_counter() - t0, Path(storage) / summary["name"]
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)

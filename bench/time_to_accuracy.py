@@ -13,8 +13,6 @@ a shared CPU are noisy (the load average is in the JSON); on a GPU they are the 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,22 +37,15 @@ def train_and_score(ds, cfg: TrainConfig) -> dict[str, Any]:
     """Train, then the test accuracy of every epoch's checkpoint against the training clock."""
     from raycls.ingest import test_batches
     from raycls.models import read_checkpoint_meta
-    from raycls.train import run_training, test_accuracy
+    from raycls.train import test_accuracy
 
-    storage = tempfile.mkdtemp(prefix="raycls-bench-tta-")
-    try:
-        t0 = time.perf_counter()
-        summary = run_training(cfg.replace(storage_path=storage, name=""), dataset=ds)
-        wall = time.perf_counter() - t0
-        run_dir = Path(storage) / summary["name"]
+    with harness.training_run(ds, cfg, prefix="raycls-bench-tta-") as (summary, wall, run_dir):
         test_acc = {}
         for ckpt in run_dir.glob("checkpoint_*/"):
             if not (ckpt / "meta.json").is_file():  # Ray's own checkpoint_manager_snapshot.json
                 continue
             epoch = read_checkpoint_meta(ckpt)["epoch"] + 1
             test_acc[epoch] = test_accuracy(str(ckpt), test_batches(None, ds))[0]
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
     clock, curve = 0.0, []
     for h in summary["history"]:
         clock += h["epoch_time_s"]

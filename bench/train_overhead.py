@@ -16,8 +16,6 @@ vs `none` (and, for reference, CIFAR-shaped images and a RandAugment policy), al
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -85,17 +83,10 @@ def plain_run(ds, cfg: TrainConfig) -> dict[str, Any]:
 
 def ray_run(ds, cfg: TrainConfig) -> dict[str, Any]:
     """`raycls train` through its Python entry point, on the Ray started by this process."""
-    from raycls.train import run_training
-
-    storage = tempfile.mkdtemp(prefix="raycls-bench-")
-    try:
-        t0 = time.perf_counter()
-        summary = run_training(cfg.replace(storage_path=storage, name=""), dataset=ds)
-        wall = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
-    return {"images_per_s": [h["images_per_s"] for h in summary["history"]],
-            "val_acc": [h["val_acc"] for h in summary["history"]], "wall_s": wall}  # fmt: skip
+    with harness.training_run(ds, cfg) as (summary, wall, _):
+        history = summary["history"]
+    return {"images_per_s": [h["images_per_s"] for h in history],
+            "val_acc": [h["val_acc"] for h in history], "wall_s": wall}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- augmentation
