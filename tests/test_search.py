@@ -21,17 +21,10 @@ import pytest
 import yaml
 
 from raycls.config import ConfigError, TrainConfig
-from raycls.search import (
-    SearchSettings,
-    build_space,
-    check_policies,
-    derive_concurrency,
-    resolve_settings,
-    schedule_from_history,
-    train_command,
-    train_run_name,
-    trial_config,
-)
+from raycls.search.reports import schedule_from_history, train_command
+from raycls.search.settings import SearchSettings, resolve_settings
+from raycls.search.space import build_space, check_policies, derive_concurrency, trial_config
+from raycls.search.trainable import train_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +153,7 @@ def tiny(tmp_path: Path, **overrides) -> SearchSettings:
 def test_tiny_search_end_to_end(ray_session, tmp_path):
     from raycls.augment import load_policy_schedule
     from raycls.bundle import load_bundle
-    from raycls.search import run_search
+    from raycls.search.run import run_search
 
     summary = run_search(tiny(tmp_path))
     exp = tmp_path / "runs" / "tiny"
@@ -188,7 +181,7 @@ def test_tiny_search_end_to_end(ray_session, tmp_path):
 def test_search_streams_an_image_folder(ray_session, stream_tree, tmp_path):
     """Trials stream their data through Ray Data and the winner exports from the folder."""
     from raycls.bundle import load_bundle
-    from raycls.search import run_search
+    from raycls.search.run import run_search
 
     settings = tiny(tmp_path, dataset=f"imagefolder:{stream_tree['root']}", max_epochs=1,
                     base={"max_failures": 0, "batch_size": 16, "image_size": 16},
@@ -228,7 +221,8 @@ def test_a_trial_that_raises_fails_the_search(ray_session, tmp_path, capsys):
     rows = (tmp_path / "runs" / "failing" / "results.csv").read_text()
     assert "ERROR" in rows and "done" in rows
     # the printed `--resume --name failing` is accepted (Tune then retries the errored trial)
-    from raycls.search import SUMMARY_FILE, newest_unfinished, prepare, resolve_settings
+    from raycls.search.run import newest_unfinished, prepare
+    from raycls.search.settings import SUMMARY_FILE
 
     settings = resolve_settings(preset, {"storage_path": str(tmp_path / "runs")})
     assert newest_unfinished(tmp_path / "runs") == "failing"
@@ -338,7 +332,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 @pytest.mark.slow
 def test_pbt_writes_a_replayable_schedule(ray_session, tmp_path):
     from raycls.augment import load_policy_schedule
-    from raycls.search import run_search
+    from raycls.search.run import run_search
     from raycls.train import run_training
 
     settings = tiny(
