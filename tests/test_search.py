@@ -121,6 +121,39 @@ def test_schedule_from_history_and_the_train_command(tmp_path):
     assert f"--policy-file {tmp_path / 's.json'}" in cmd and "--aug-policy" not in cmd
 
 
+def test_val_acc_ties_go_to_the_lower_val_loss_in_rows_and_checkpoints(tmp_path):
+    """The report's one order (reports.rank_key), where Tune's picks would take the first tie:
+    the epoch the table names is the checkpoint that is exported."""
+    import pandas as pd
+    from ray.tune import Checkpoint, Result
+
+    from raycls.search.reports import best_checkpoint, trial_rows
+
+    epochs = [{"epoch": 1, "val_acc": 0.9, "val_loss": 0.5},
+              {"epoch": 2, "val_acc": 0.9, "val_loss": 0.3},
+              {"epoch": 3, "val_acc": 0.8, "val_loss": 0.2}]
+    ckpts = [(Checkpoint(str(tmp_path / f"c{m['epoch']}")), m) for m in epochs]
+
+    def result(trial: str, history: list[dict] | None, error: Exception | None = None) -> Result:
+        return Result(
+            metrics={**history[-1], "config": {"lr": 0.1}} if history else {},
+            checkpoint=ckpts[-1][0] if history else None, error=error,
+            path=str(tmp_path / f"trial-{trial}"),
+            metrics_dataframe=pd.DataFrame(history) if history else None,
+            best_checkpoints=ckpts if history else None,
+        )
+
+    tie = [{**m, "val_loss": 0.4} if m["epoch"] == 2 else m for m in epochs[:2]]
+    grid = [result("none", None, RuntimeError("boom")), result("b", tie), result("a", epochs)]
+    rows = trial_rows(grid, ["lr"], max_epochs=3)
+    assert [r["trial_id"] for r in rows] == ["a", "b", "none"]
+    assert rows[0]["best_epoch"] == 2 and rows[0]["val_loss"] == 0.3
+    assert [r["status"] for r in rows] == ["done", "stopped early", "ERROR"]
+    assert rows[0]["config"] == {"lr": 0.1} and rows[2]["curve"] == []
+    assert best_checkpoint(grid[2]).path == str(tmp_path / "c2")
+    assert grid[2].get_best_checkpoint("val_acc", "max").path == str(tmp_path / "c1")  # Tune's
+
+
 def test_cli_refuses_bad_input_without_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(
@@ -134,6 +167,16 @@ def test_cli_refuses_bad_input_without_a_traceback(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert run.returncode == 2 and "PBT needs a population" in run.stderr
+
+
+def test_the_command_parses_its_flags_without_importing_ray():
+    """A new local Ray gets its settings (RAY_AUTH_MODE) before the first Ray import."""
+    code = ("import sys, argparse, raycls.search, raycls.search.run, raycls.search.reports; "
+            "raycls.search.add_arguments(argparse.ArgumentParser()); "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- real searches

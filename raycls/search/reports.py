@@ -26,18 +26,34 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def rank_key(metrics: dict[str, Any]) -> tuple[float, float]:
+    """The one order of epochs, checkpoints and trials: higher val_acc, then lower val_loss.
+
+    Hand-written because Tune's own picks (ResultGrid.get_best_result, get_dataframe with
+    filter_metric, Result.get_best_checkpoint) break val_acc ties by position: ties are common on
+    a small validation split, and the epoch the table names must be the checkpoint exported."""
+    return metrics[METRIC], -metrics.get("val_loss", 0.0)
+
+
+UNRANKED = (float("-inf"), float("-inf"))  # a trial that never reported val_acc ranks last
+
+
 def trial_rows(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str, Any]]:
-    """One row per trial, best first (val_acc, then lower val_loss); errored trials last."""
+    """One row per trial, best first (rank_key); trials without a val_acc last.
+
+    Not ResultGrid.get_dataframe: it leaves out the trials that never reported (an errored one
+    is a row of the report too) and has none of the columns below but the config."""
     rows = []
     for result in grid:
-        df = result.metrics_dataframe
+        df = result.metrics_dataframe  # ray: every epoch the trial reported
         has = df is not None and METRIC in df.columns and df[METRIC].notna().any()
+        # from the folder: result.metrics holds the trial id only once the trial reported
         trial_id = Path(result.path).name.removeprefix("trial-")
         row: dict[str, Any] = {"trial_id": trial_id, "result": result, "val_acc": None,
                                "val_loss": None, "best_epoch": None, "epochs": 0, "curve": []}
         if has:
             df = df[df[METRIC].notna()]
-            best = df.sort_values([METRIC, "val_loss"], ascending=[False, True]).iloc[0]
+            best = max(df.to_dict("records"), key=rank_key)
             row.update(val_acc=float(best[METRIC]), val_loss=float(best["val_loss"]),
                        best_epoch=int(best["epoch"]), epochs=int(df["epoch"].max()),
                        curve=list(zip(df["epoch"].astype(int), df[METRIC].astype(float),
@@ -51,7 +67,8 @@ def trial_rows(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str, An
         row["final_aug_policy"] = (result.metrics or {}).get("aug_policy", "")
         row["config"] = {k: (result.config or {}).get(k) for k in keys}
         rows.append(row)
-    rows.sort(key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), r["val_loss"] or 0))
+    # reverse keeps the order of equal keys (the trials that never reported stay in grid order)
+    rows.sort(key=lambda r: UNRANKED if r["val_acc"] is None else rank_key(r), reverse=True)
     return rows
 
 
@@ -116,10 +133,12 @@ def train_command(config: dict[str, Any], policy_file: Path | None) -> str:
 
 
 def best_checkpoint(result: Any) -> Any:
+    """The trial's best kept checkpoint by rank_key (not Result.get_best_checkpoint: ties),
+    else its newest one."""
     kept = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
     if not kept:
         return result.checkpoint
-    return max(kept, key=lambda cm: (cm[1][METRIC], -cm[1].get("val_loss", 0.0)))[0]
+    return max(kept, key=lambda cm: rank_key(cm[1]))[0]
 
 
 def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any],
@@ -152,6 +171,7 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
         "results_csv": str(exp / "results.csv"), "plot": str(exp / "val_acc.png"),
         "num_trials": len(rows), "errors": errors, "best": None, "bundle": None,
     }
+    # the first ranked row with a checkpoint (ResultGrid.get_best_result may pick one without)
     winners = [r for r in rows if r["val_acc"] is not None and r["result"].checkpoint]
     if winners:
         best = winners[0]
