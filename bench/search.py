@@ -3,8 +3,8 @@ for the same total epoch budget, on Fashion-MNIST.
 
     python bench/search.py --quick
 
-Every search is `raycls.search.run_search` as `python tune/search.py` runs it (export off), over
-the same space (lr, weight decay, augmentation policy) and the same budget of trial-epochs:
+Every search is `raycls.search.run.run_search` as `python tune/search.py` runs it (export off),
+over the same space (lr, weight decay, augmentation policy) and the same budget of trial-epochs:
 random search runs budget/max_epochs trials to the end; ASHA starts more trials and stops the weak
 ones (grace 1 epoch, halving), its extra trials paid for by the epochs it saves; PBT trains a
 population for max_epochs, cloning the best every epoch. The untuned default is one `raycls train`
@@ -79,7 +79,8 @@ def num_trials(scheduler: str, budget: int, max_epochs: int) -> int:
 
 def run_one(scheduler: str, dataset: str, data_dir: str, budget: int, max_epochs: int,
             storage: str, concurrent: int) -> dict[str, Any]:  # fmt: skip
-    from raycls.search import SearchSettings, run_search
+    from raycls.search.run import run_search
+    from raycls.search.settings import SearchSettings
 
     trials = num_trials(scheduler, budget, max_epochs)
     settings = SearchSettings(

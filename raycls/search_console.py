@@ -34,7 +34,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from raycls.interrupt import EXIT_INTERRUPTED
-from raycls.search import METRIC, summarize_config
+from raycls.search.settings import METRIC, summarize_config
 
 LINE_PREFIXES = ("[raycls] ", "error: ")
 

@@ -1,6 +1,6 @@
 """The Ray-side callbacks of a search: they subclass Ray's callback classes, so this module imports
-Ray, and raycls.search imports it only once Ray is started (see raycls.search's imports: a new local
-Ray must get its settings, e.g. `RAY_AUTH_MODE`, before Ray is first imported).
+Ray, and raycls.search.run imports it only once Ray is started (see raycls.search's docstring: a
+new local Ray must get its settings, e.g. `RAY_AUTH_MODE`, before Ray is first imported).
 
 `ForwardToTune` runs in each trial's Train controller; `ReleaseOrphans` in the search driver.
 """

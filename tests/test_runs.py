@@ -165,7 +165,7 @@ def test_running_while_the_driver_lives(work, capsys):
 @pytest.mark.ray  # the module's real `raycls train` starts a local Ray
 def test_search_folders(work, tmp_path, capsys):
     from raycls.config import TrainConfig
-    from raycls.search import SETTINGS_FILE, SUMMARY_FILE, SearchSettings
+    from raycls.search.settings import SETTINGS_FILE, SUMMARY_FILE, SearchSettings
 
     # `raycls runs` lists what train and search write by default (it hardcodes one default)
     assert TrainConfig().storage_path == SearchSettings().storage_path == "./runs"

@@ -21,17 +21,10 @@ import pytest
 import yaml
 
 from raycls.config import ConfigError, TrainConfig
-from raycls.search import (
-    SearchSettings,
-    build_space,
-    check_policies,
-    derive_concurrency,
-    resolve_settings,
-    schedule_from_history,
-    train_command,
-    train_run_name,
-    trial_config,
-)
+from raycls.search.reports import schedule_from_history, train_command
+from raycls.search.settings import SearchSettings, resolve_settings
+from raycls.search.space import build_space, check_policies, derive_concurrency, trial_config
+from raycls.search.trainable import train_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,6 +121,39 @@ def test_schedule_from_history_and_the_train_command(tmp_path):
     assert f"--policy-file {tmp_path / 's.json'}" in cmd and "--aug-policy" not in cmd
 
 
+def test_val_acc_ties_go_to_the_lower_val_loss_in_rows_and_checkpoints(tmp_path):
+    """The report's one order (reports.rank_key), where Tune's picks would take the first tie:
+    the epoch the table names is the checkpoint that is exported."""
+    import pandas as pd
+    from ray.tune import Checkpoint, Result
+
+    from raycls.search.reports import best_checkpoint, trial_rows
+
+    epochs = [{"epoch": 1, "val_acc": 0.9, "val_loss": 0.5},
+              {"epoch": 2, "val_acc": 0.9, "val_loss": 0.3},
+              {"epoch": 3, "val_acc": 0.8, "val_loss": 0.2}]
+    ckpts = [(Checkpoint(str(tmp_path / f"c{m['epoch']}")), m) for m in epochs]
+
+    def result(trial: str, history: list[dict] | None, error: Exception | None = None) -> Result:
+        return Result(
+            metrics={**history[-1], "config": {"lr": 0.1}} if history else {},
+            checkpoint=ckpts[-1][0] if history else None, error=error,
+            path=str(tmp_path / f"trial-{trial}"),
+            metrics_dataframe=pd.DataFrame(history) if history else None,
+            best_checkpoints=ckpts if history else None,
+        )
+
+    tie = [{**m, "val_loss": 0.4} if m["epoch"] == 2 else m for m in epochs[:2]]
+    grid = [result("none", None, RuntimeError("boom")), result("b", tie), result("a", epochs)]
+    rows = trial_rows(grid, ["lr"], max_epochs=3)
+    assert [r["trial_id"] for r in rows] == ["a", "b", "none"]
+    assert rows[0]["best_epoch"] == 2 and rows[0]["val_loss"] == 0.3
+    assert [r["status"] for r in rows] == ["done", "stopped early", "ERROR"]
+    assert rows[0]["config"] == {"lr": 0.1} and rows[2]["curve"] == []
+    assert best_checkpoint(grid[2]).path == str(tmp_path / "c2")
+    assert grid[2].get_best_checkpoint("val_acc", "max").path == str(tmp_path / "c1")  # Tune's
+
+
 def test_cli_refuses_bad_input_without_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(
@@ -141,6 +167,16 @@ def test_cli_refuses_bad_input_without_a_traceback(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert run.returncode == 2 and "PBT needs a population" in run.stderr
+
+
+def test_the_command_parses_its_flags_without_importing_ray():
+    """A new local Ray gets its settings (RAY_AUTH_MODE) before the first Ray import."""
+    code = ("import sys, argparse, raycls.search, raycls.search.run, raycls.search.reports; "
+            "raycls.search.add_arguments(argparse.ArgumentParser()); "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- real searches
@@ -160,7 +196,7 @@ def tiny(tmp_path: Path, **overrides) -> SearchSettings:
 def test_tiny_search_end_to_end(ray_session, tmp_path):
     from raycls.augment import load_policy_schedule
     from raycls.bundle import load_bundle
-    from raycls.search import run_search
+    from raycls.search.run import run_search
 
     summary = run_search(tiny(tmp_path))
     exp = tmp_path / "runs" / "tiny"
@@ -188,7 +224,7 @@ def test_tiny_search_end_to_end(ray_session, tmp_path):
 def test_search_streams_an_image_folder(ray_session, stream_tree, tmp_path):
     """Trials stream their data through Ray Data and the winner exports from the folder."""
     from raycls.bundle import load_bundle
-    from raycls.search import run_search
+    from raycls.search.run import run_search
 
     settings = tiny(tmp_path, dataset=f"imagefolder:{stream_tree['root']}", max_epochs=1,
                     base={"max_failures": 0, "batch_size": 16, "image_size": 16},
@@ -228,7 +264,8 @@ def test_a_trial_that_raises_fails_the_search(ray_session, tmp_path, capsys):
     rows = (tmp_path / "runs" / "failing" / "results.csv").read_text()
     assert "ERROR" in rows and "done" in rows
     # the printed `--resume --name failing` is accepted (Tune then retries the errored trial)
-    from raycls.search import SUMMARY_FILE, newest_unfinished, prepare, resolve_settings
+    from raycls.search.run import newest_unfinished, prepare
+    from raycls.search.settings import SUMMARY_FILE
 
     settings = resolve_settings(preset, {"storage_path": str(tmp_path / "runs")})
     assert newest_unfinished(tmp_path / "runs") == "failing"
@@ -338,7 +375,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 @pytest.mark.slow
 def test_pbt_writes_a_replayable_schedule(ray_session, tmp_path):
     from raycls.augment import load_policy_schedule
-    from raycls.search import run_search
+    from raycls.search.run import run_search
     from raycls.train import run_training
 
     settings = tiny(

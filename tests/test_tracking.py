@@ -157,7 +157,8 @@ def test_a_run_logs_to_tensorboard_and_mlflow(ray_session, tmp_path, monkeypatch
 
 @pytest.mark.ray
 def test_a_search_logs_trials_side_by_side_and_nested(ray_session, tmp_path, monkeypatch):
-    from raycls.search import SearchSettings, run_search
+    from raycls.search.run import run_search
+    from raycls.search.settings import SearchSettings
 
     uri, client = mlflow_client(tmp_path, monkeypatch)
     settings = SearchSettings(
