@@ -340,20 +340,15 @@ def test_replica_killed_under_stream(serve_stack, bundles):
 def noisy_multipart(n: int = 32, size: int = 128) -> tuple[bytes, str]:
     """One request of `n` noise PNGs: ~100x a small image's decode work, so the server saturates
     long before this process's load generator does (both share 2 cores)."""
+    from serving import BOUNDARY, multipart_bodies  # bench/serving.py (on sys.path: conftest)
+
     rng = np.random.default_rng(9)
-    boundary = "raycls-reliability"
-    parts = []
-    for i in range(n):
+    pngs = []
+    for _ in range(n):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (size, size), np.uint8)).save(buf, "PNG")
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
-            "Content-Type: image/png\r\n\r\n".encode()
-            + buf.getvalue()
-            + b"\r\n"
-        )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+        pngs.append(buf.getvalue())
+    return multipart_bodies(pngs, n)[0], f"multipart/form-data; boundary={BOUNDARY}"
 
 
 async def _send(c: httpx.AsyncClient, url: str, body: bytes, ctype: str) -> tuple[Any, float]:
