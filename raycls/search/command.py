@@ -8,6 +8,7 @@ import sys
 
 from raycls.config import ConfigError
 from raycls.interrupt import EXIT_INTERRUPTED, Interrupted
+from raycls.ray_session import add_address_argument
 from raycls.search.run import run_search
 from raycls.search.settings import (
     PRESET_DIR,
@@ -57,9 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "re-running only unfinished and errored trials")
     parser.add_argument("--no-export", dest="export", action="store_false", default=None,
                         help="do not export the best checkpoint (default: export)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join: host:port or 'auto' (default: $RAY_ADDRESS, "
-                             "else a new local Ray on this machine)")
+    add_address_argument(parser)  # the same --address as raycls train
     parser.add_argument("--json", action="store_true", help="print the summary as the last line")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's and Tune's own output live (default: off: raycls's lines "
