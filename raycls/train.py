@@ -1,8 +1,9 @@
 """The `raycls train` command: one flag per TrainConfig field, checked before Ray starts.
 
-The run itself is raycls.trainer (the driver) and raycls.worker (what every rank runs); the
-names that other modules import from here (`run_training`, `build_trainer`, `test_accuracy`,
-`stream_cpus`, `NO_FLIP_DATASETS`, ...) are theirs, imported below.
+The run itself is raycls.run_folder (its name, resumed config), raycls.trainer (the driver) and
+raycls.worker (what every rank runs); the names that other modules import from here
+(`run_training`, `resolve_run`, `build_trainer`, `test_accuracy`, `stream_cpus`,
+`NO_FLIP_DATASETS`, ...) are theirs, imported below.
 """
 
 from __future__ import annotations
@@ -18,14 +19,8 @@ from raycls.data import DataError
 from raycls.interrupt import EXIT_INTERRUPTED, Interrupted
 from raycls.models import CheckpointError
 from raycls.ray_session import add_address_argument, init_ray, shutdown_ray
-from raycls.trainer import (
-    RunError,
-    build_trainer,
-    resolve_run,
-    run_training,
-    stream_cpus,
-    test_accuracy,
-)
+from raycls.run_folder import RunError, resolve_run, starts_over, starts_over_note
+from raycls.trainer import build_trainer, run_training, stream_cpus, test_accuracy
 from raycls.worker import NO_FLIP_DATASETS
 
 __all__ = [  # the driver's names, kept importable from raycls.train (search, tests, benches)
@@ -104,8 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", dest="num_epochs", type=int, help="alias of --num-epochs")
     parser.add_argument("--policy-file", dest="aug_policy_file", help="alias of --aug-policy-file")
     parser.add_argument("--resume", metavar="RUN", help="continue the unfinished run named RUN "
-                        "(a folder under --storage-path) from its newest checkpoint, with its "
-                        "own saved flags; a finished run: use --resume-from CHECKPOINT")
+                        "(a folder under --storage-path) from its newest checkpoint, with the "
+                        "config saved in that checkpoint (training flags given with it are "
+                        "ignored); a finished run: use --resume-from CHECKPOINT")
     parser.add_argument("--json", action="store_true", help="print result.json as the last line")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own output live (default: off: raycls's lines only; "
@@ -127,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:  # everything that can be wrong with the flags, before Ray starts (exit 2)
         cfg = config_from_args(args)
-        if not args.resume:  # a resumed run takes its own saved config (checked below)
+        if not args.resume:  # a resumed run takes its newest checkpoint's config (checked below)
             check_config(cfg)
         resolved = resolve_run(cfg, args.resume)
         if args.resume:
@@ -140,11 +136,13 @@ def main(args: argparse.Namespace) -> int:
               f"{resolved.model} on {resolved.dataset}, {resolved.num_workers} worker(s), "
               f"{resolved.num_epochs} epochs -> {resolved.storage_path}/{resolved.name} "
               "(nothing was started)")
+        if starts_over(resolved, args.resume):
+            print(f"[raycls] {starts_over_note(resolved)}")
         if args.json:
             print(json.dumps(resolved.to_dict()))
         return 0
     try:
-        init_ray(args.address, min_cpus=stream_cpus(cfg), log_to_driver=args.verbose)
+        init_ray(args.address, min_cpus=stream_cpus(resolved), log_to_driver=args.verbose)
         if not args.verbose:  # after ray.init, which sets up the "ray" logger afresh
             capture_driver_logs()  # Ray's driver-side warnings, kept for the run's ray.log
         summary = run_training(resolved, resume=args.resume, console=True)

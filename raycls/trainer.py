@@ -1,18 +1,18 @@
-"""The driver side of a training run: name or resume it, fit Ray Train's TorchTrainer on it, test
-its best checkpoint, write result.json and the curves.
+"""The driver side of a training run: fit Ray Train's TorchTrainer on it, test its best
+checkpoint, write result.json and the curves.
 
-Reads top to bottom: the run's name and config (`resolve_run`: for `--resume`, the newest
-checkpoint's config), the TorchTrainer (`build_trainer`, shared with each Tune trial), the run
-itself (`run_training`) and the checkpoint's test accuracy and curves. What each worker runs is
-raycls.worker; the `raycls train` command is raycls.train.
+Reads top to bottom: the TorchTrainer (`build_trainer`, shared with each Tune trial, and the
+health-check interval its `fit` runs under), the run itself (`run_training`), then the test
+accuracy of a checkpoint and the curves. The run's name and resumed config are
+raycls.run_folder; what each worker runs is raycls.worker; the command is raycls.train.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,76 +27,18 @@ from raycls.data import DataError, Dataset
 from raycls.epoch import evaluate_batches
 from raycls.ingest import RunData
 from raycls.interrupt import Interrupted, fit_interruptibly, second_interrupt_exits
-from raycls.models import read_checkpoint_meta, verify_checkpoint
+from raycls.models import read_checkpoint_meta
 from raycls.run_error import RUN_ERROR_FILE, clear_run_error, read_run_error
+from raycls.run_folder import (
+    RunError,
+    forget_unstarted_run,
+    newest_epoch,
+    resolve_run,
+    starts_over,
+    starts_over_note,
+)
 from raycls.runs import TRAIN_CONFIG, mark_running
 from raycls.worker import NO_FLIP_DATASETS, train_loop_per_worker
-
-
-class RunError(RuntimeError):
-    """A run cannot start or finish as asked; the message says why and what to do."""
-
-
-def new_run_name(cfg: TrainConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.dataset.split(':')[0]}-{cfg.model}-{stamp}-{secrets.token_hex(2)}"
-
-
-def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
-    """New runs get a unique name; a finished run is never silently reused."""
-    storage = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
-    if resume:
-        run_dir = Path(storage) / resume
-        if "://" not in storage and not run_dir.is_dir():
-            runs = sorted(p.name for p in Path(storage).glob("*") if p.is_dir())[-3:]
-            raise RunError(f"resume={resume}: no run directory {run_dir}; "
-                           + (f"runs there: {', '.join(runs)}" if runs else
-                              "start a new run without --resume"))
-        if (run_dir / "result.json").exists():
-            best = json.loads((run_dir / "result.json").read_text()).get("checkpoint", "")
-            raise RunError(
-                f"resume={resume}: the run already finished ({run_dir}/result.json); to train "
-                f"it further, start a new run from its best checkpoint: `raycls train "
-                f"--resume-from {best or run_dir / 'checkpoint_...'} --num-epochs N` (with the "
-                "run's other flags)")
-        for ckpt in sorted(run_dir.glob("checkpoint_*")):
-            if (ckpt / "meta.json").exists():  # no meta.json = never finished, never used
-                verify_checkpoint(ckpt)  # refuse to resume into a corrupted checkpoint
-        saved = run_dir / TRAIN_CONFIG
-        if saved.exists():  # resume with the run's own config, not today's defaults
-            previous = json.loads(saved.read_text())
-            cfg = TrainConfig.from_dict({**previous, "storage_path": storage, "name": resume})
-        return cfg.replace(name=resume, storage_path=storage)
-    name = cfg.name or new_run_name(cfg)
-    run_dir = Path(storage) / name
-    if "://" not in storage and run_dir.exists():
-        finished = (run_dir / "result.json").exists()
-        raise RunError(
-            f"name={name}: the run already exists in {storage} "
-            f"({'finished' if finished else 'unfinished'}); "
-            + ("choose another --name" if finished else f"continue it with --resume {name}")
-        )
-    return cfg.replace(name=name, storage_path=storage)
-
-
-def newest_epoch(run_dir: Path) -> int:
-    """Epochs done by the newest complete checkpoint of a local run (0 for none)."""
-    done = 0
-    for meta in run_dir.glob("checkpoint_*/meta.json"):
-        try:
-            done = max(done, json.loads(meta.read_text())["epoch"] + 1)
-        except (OSError, ValueError, KeyError):
-            continue
-    return done
-
-
-def forget_unstarted_run(run_dir: Path, storage_path: str) -> bool:
-    """Remove a local run folder that holds no checkpoint (nothing to resume, nothing to keep:
-    a later attempt under the same name must not trip over it). True when it was removed."""
-    if "://" in storage_path or any(run_dir.glob("checkpoint_*/meta.json")):
-        return False
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return True
 
 
 def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None,
@@ -105,13 +47,6 @@ def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None,
     driver's queue for rank 0's lines and progress (None: rank 0 prints them). `board_dir`:
     where rank 0 writes TensorBoard event files (None: none)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
-
-    # Train V2's controller polls its workers every 2 s by default, and each report() waits for
-    # that poll (see train_loop_per_worker), as does the end of the run: about 1.5 s lost per
-    # epoch and per run. 0.5 s measured 12-16 s instead of 24-25 s for a 2-epoch run on 2 cores;
-    # the poll itself is cheap. Train passes this variable on to the controller it starts.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
     extra: dict[str, Any] = {}
     if data.mode == "stream":  # ray: Train splits the Ray Datasets over the workers
@@ -125,7 +60,7 @@ def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None,
         loop_data["_console"] = console
     if board_dir:
         loop_data["_board"] = board_dir
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), **loop_data},
         **extra,
@@ -148,6 +83,47 @@ def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def fast_health_checks():
+    """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 for one `fit`, unless the user set it; restored after.
+
+    Train V2's controller polls its workers every 2 s by default, and each report() waits for
+    that poll (see raycls.worker.save_and_report), as does the end of the run: about 1.5 s lost
+    per epoch and per run. 0.5 s measured 12-16 s instead of 24-25 s for a 2-epoch run on 2
+    cores; the poll itself is cheap. No Train option sets it: the controller reads the variable
+    (TrainController.__init__), and `fit` hands it over when it starts the controller
+    (DataParallelTrainer._initialize_and_run_controller: get_env_vars_to_propagate, the
+    controller's runtime_env), so the process needs it only while `fit` runs. Two overlapping
+    fits in one process share the first one's setting: the second may end up with Train's 2 s.
+    """
+    ours = HEALTH_CHECK_ENV not in os.environ
+    if ours:
+        os.environ[HEALTH_CHECK_ENV] = "0.5"
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ.pop(HEALTH_CHECK_ENV, None)
+
+
+@functools.cache
+def _trainer_class():
+    """TorchTrainer whose `fit` runs under fast_health_checks: `raycls train` and every Tune trial
+    (raycls.search calls `trainer.fit()` itself) alike. Made on first use, so that importing
+    this module does not import Ray."""
+    from ray.train.torch import TorchTrainer
+
+    class RayclsTorchTrainer(TorchTrainer):
+        def fit(self):
+            with fast_health_checks():
+                return super().fit()
+
+    return RayclsTorchTrainer
 
 
 def test_accuracy(checkpoint_dir: str, batches) -> tuple[float | None, float | None, int]:
@@ -188,6 +164,8 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     from raycls.ingest import prepare_data, test_batches
 
     cfg = resolve_run(cfg, resume)
+    if starts_over(cfg, resume):
+        print(f"[raycls] {starts_over_note(cfg)}", flush=True)
     data, ds = prepare_data(cfg, dataset)
     free = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * cfg.cpus_per_worker
     if data.mode == "stream" and free < 1:
@@ -202,6 +180,8 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     mlflow_run = tracking.start_training(cfg, run_dir)  # None unless MLflow is asked for
     if "://" not in cfg.storage_path:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a copy for people to read (and for `raycls runs` before the first checkpoint); what a
+        # resume trains with is the config in the newest checkpoint's meta.json (resume_config)
         (run_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         mark_running(run_dir)  # driver.pid while this driver lives: `raycls runs` shows "running"
     print(
