@@ -220,10 +220,17 @@ def restore(w: Worker) -> None:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()  # ray: set after a restart
-    restore_dir = checkpoint.to_directory() if checkpoint is not None else w.cfg.resume_from
-    if not restore_dir:
+    if checkpoint is not None:
+        # as_directory, not to_directory: a local checkpoint is read where it is. to_directory
+        # copies it into one temp folder per node, and a second rank's copy can overwrite the
+        # file while the first rank loads it (seen here: "checkpoint.pt: cannot be loaded")
+        with checkpoint.as_directory() as restore_dir:  # ray:
+            state, meta = load_checkpoint(restore_dir)
+    elif w.cfg.resume_from:
+        restore_dir = w.cfg.resume_from
+        state, meta = load_checkpoint(restore_dir)
+    else:
         return
-    state, meta = load_checkpoint(restore_dir)
     unwrap(w.model).load_state_dict(state["model"])
     w.optimizer.load_state_dict(state["optimizer"])
     w.scheduler.load_state_dict(state["scheduler"])
