@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from raycls.augment import build_augment
 from raycls.config import TrainConfig
+from raycls.epoch import build_optimizer, lr_lambda
 from raycls.models import build_model
-from raycls.train import NO_FLIP_DATASETS, build_optimizer, lr_lambda
+from raycls.worker import NO_FLIP_DATASETS
 
 SETTINGS = {  # mode -> (dataset, train images, epochs per run, rounds, aug steps per block)
     "tiny": ("digits", 512, 2, 1, 3),

@@ -3,9 +3,9 @@
 Reads only what `raycls train` and `raycls search` write (no torch, no Ray, so it answers at
 once):
 
-- a training run `<storage>/<name>/`: `raycls_config.json` (written first), `checkpoint_*/meta.json`
-  (one per kept epoch), `error.json` (a run that stopped on an error), `result.json` (written
-  last: the run finished);
+- a training run `<storage>/<name>/`: `raycls_config.json` (written first: a readable copy of the
+  config), `checkpoint_*/meta.json` (one per kept epoch, each with the config it trained with),
+  `error.json` (a run that stopped on an error), `result.json` (written last: the run finished);
 - a search `<storage>/<name>/`: `raycls_search.json` (its settings), `trial-*/checkpoint_*/
   meta.json` (the trials' epochs), `summary.json` (written last: the search finished);
 - both: `driver.pid`, the marker written here by `mark_running` while the driver lives. A folder
@@ -141,10 +141,12 @@ def _bundle_for(name: str) -> Path | None:
 
 def read_train_run(folder: Path, storage: str) -> dict[str, Any]:
     name = folder.name
-    config = _json(folder / TRAIN_CONFIG) or {}
     result = _json(folder / TRAIN_RESULT)
     error = _json(folder / TRAIN_ERROR)
     metas = _metas(folder, "checkpoint_*/meta.json")
+    # the config the run trains with is its newest checkpoint's (what --resume takes); the
+    # folder's raycls_config.json is a readable copy, the only one before the first checkpoint
+    config = (metas[-1].get("config") if metas else None) or _json(folder / TRAIN_CONFIG) or {}
     marker = driver_alive(folder)
     resume = f"raycls train --resume {name} --storage-path {storage}"  # as train.py prints it
     entry: dict[str, Any] = {

@@ -148,9 +148,9 @@ def _expected_ids(dataset: str) -> set[int]:
 
 
 def _single_process_val_acc(run: dict) -> tuple[float, float]:
+    from raycls.epoch import evaluate_batches
     from raycls.models import model_from_checkpoint, read_checkpoint_meta
     from raycls.stream import decode_split
-    from raycls.train import evaluate_batches
 
     result = run["result"]
     newest = max((p for p in run["run_dir"].glob("checkpoint_*") if (p / "meta.json").is_file()),

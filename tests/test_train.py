@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from raycls.cli import main as cli_main
 from raycls.config import ConfigError, TrainConfig
+from raycls.models import save_checkpoint
 from raycls.train import RunError, resolve_run, run_training
 
 
@@ -39,6 +42,51 @@ def test_run_names_are_unique_and_finished_runs_are_not_reused(tmp_path):
     with pytest.raises(RunError, match="no run directory"):
         resolve_run(TrainConfig(storage_path=str(tmp_path)), "missing")
     assert resolve_run(TrainConfig(storage_path=str(tmp_path)), "half").name == "half"
+
+
+def test_resume_takes_the_newest_checkpoints_config_not_the_readable_copy(tmp_path):
+    """One source of truth: meta.json of the newest checkpoint (by epoch, not by folder name)
+    decides; raycls_config.json, edited by hand here, and today's flags do not."""
+    run = tmp_path / "r1"
+    for folder, epoch, num_epochs in (("checkpoint_a", 1, 7), ("checkpoint_b", 0, 6)):
+        save_checkpoint(run / folder, {"model": {}},
+                        {"config": TrainConfig(num_epochs=num_epochs, lr=0.3).to_dict(),
+                         "epoch": epoch})
+    (run / "raycls_config.json").write_text(json.dumps(TrainConfig(num_epochs=99).to_dict()))
+    cfg = resolve_run(TrainConfig(storage_path=str(tmp_path), num_epochs=2), "r1")
+    assert (cfg.num_epochs, cfg.lr, cfg.name) == (7, 0.3, "r1")
+
+
+def test_resume_before_the_first_checkpoint_starts_over_from_the_copy(tmp_path, capsys):
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "raycls_config.json").write_text(json.dumps(TrainConfig(num_epochs=3).to_dict()))
+    assert resolve_run(TrainConfig(storage_path=str(tmp_path)), "early").num_epochs == 3
+    rc = cli_main(["train", "--resume", "early", "--storage-path", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "3 epochs" in out, out
+    assert "early has no checkpoint yet: it starts over from epoch 1, with the config in its " \
+        "raycls_config.json" in out
+    (run / "raycls_config.json").write_text("{half written")
+    rc = cli_main(["train", "--resume", "early", "--storage-path", str(tmp_path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "raycls_config.json: unreadable" in err and "Traceback" not in err, err
+
+
+def test_fast_health_checks_last_only_as_long_as_fit(monkeypatch):
+    """build_trainer's trainer polls its workers every 0.5 s during `fit` (Train reads the
+    variable when fit starts the controller), and leaves the process environment as it was."""
+    from ray.train.torch import TorchTrainer
+
+    from raycls.trainer import HEALTH_CHECK_ENV, _trainer_class
+
+    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
+    monkeypatch.setattr(TorchTrainer, "fit", lambda self: os.environ.get(HEALTH_CHECK_ENV))
+    trainer = object.__new__(_trainer_class())  # fit alone, without building a real trainer
+    assert isinstance(trainer, TorchTrainer)
+    assert trainer.fit() == "0.5" and HEALTH_CHECK_ENV not in os.environ
+    monkeypatch.setenv(HEALTH_CHECK_ENV, "3")  # the user's own setting wins, and stays
+    assert trainer.fit() == "3" and os.environ[HEALTH_CHECK_ENV] == "3"
 
 
 def small(tmp_path, **kw) -> TrainConfig:
@@ -87,8 +135,11 @@ def test_failure_without_retries_exits_then_resume_completes(ray_session, tmp_pa
                 extra={"fail_at_epoch": 1, "fail_mode": "raise", "fail_marker": str(marker)})
     with pytest.raises(RunError, match="(?s)injected failure.*--resume flaky"):
         run_training(cfg)
+    copy = tmp_path / "runs" / "flaky" / "raycls_config.json"
+    copy.write_text(json.dumps({**json.loads(copy.read_text()), "num_epochs": 6}))  # by hand
     summary = run_training(small(tmp_path), resume="flaky")
-    assert summary["epochs"] == 3
+    assert summary["epochs"] == 3  # the checkpoint's config, not the edited copy's 6 epochs
+    assert json.loads(copy.read_text())["num_epochs"] == 3  # the copy shows what ran
     assert min(h["start_epoch"] for h in summary["history"] if h["epoch"] > 1) == 1
 
 
