@@ -272,7 +272,7 @@ def training_run(
 ) -> Iterator[tuple[dict[str, Any], float, Path]]:
     """`raycls train` through `run_training`, into a temporary storage path removed afterwards:
     yields (summary, wall seconds, run folder) while the run's files are still there."""
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     storage = tempfile.mkdtemp(prefix=prefix)
     try:

@@ -117,7 +117,7 @@ def failed(scheduler: str, error: BaseException, wall: float) -> dict[str, Any]:
 
 def run_default(dataset: str, data_dir: str, budget: int, storage: str) -> dict[str, Any]:
     from raycls.config import TrainConfig
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     t0 = time.perf_counter()
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, num_epochs=budget, num_workers=1,

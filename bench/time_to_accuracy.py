@@ -35,9 +35,9 @@ SETTINGS = {
 
 def train_and_score(ds, cfg: TrainConfig) -> dict[str, Any]:
     """Train, then the test accuracy of every epoch's checkpoint against the training clock."""
+    from raycls.checkpoints import read_checkpoint_meta
     from raycls.ingest import test_batches
-    from raycls.models import read_checkpoint_meta
-    from raycls.train import test_accuracy
+    from raycls.trainer import test_accuracy
 
     with harness.training_run(ds, cfg, prefix="raycls-bench-tta-") as (summary, wall, run_dir):
         test_acc = {}

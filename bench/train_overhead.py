@@ -4,7 +4,7 @@ the step time with vs without augmentation.
     python bench/train_overhead.py --quick
 
 Same model (resnet_small), data (a Fashion-MNIST subset), global batch, augmentation policy and
-thread count on both sides. Ray's side is `raycls.train.run_training` exactly as `raycls train`
+thread count on both sides. Ray's side is `raycls.trainer.run_training` exactly as `raycls train`
 runs it; its images/s is the per-epoch figure the worker reports (training steps only, setup
 excluded, as in Ray's own benchmark). The plain side is the loop a user would write, in this
 process. Runs alternate (Ray, plain, Ray, plain); the first epoch of each run is warm-up and is

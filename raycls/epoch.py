@@ -97,7 +97,7 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate_batches(model, batches, *, mean, std, device, observe=None):
     """(sum of losses, number correct, count) over valid rows: summed so ranks can add.
-    `observe(images, labels, predictions, valid)` sees every batch (tracking.Board)."""
+    `observe(images, labels, predictions, valid)` sees every batch (raycls.board.Board)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, y, valid in batches:

@@ -37,7 +37,7 @@ from raycls.bundle import (
     load_bundle,
     write_bundle,
 )
-from raycls.models import CheckpointError, model_from_checkpoint
+from raycls.checkpoints import CheckpointError, model_from_checkpoint
 from raycls.onnx_model import (
     OPSET,
     ExportError,

@@ -1,4 +1,4 @@
-"""Model registry and the self-describing checkpoint format.
+"""Model registry: every architecture raycls trains, by name.
 
 `build_model(name, num_classes, in_channels, image_size)` returns a plain `nn.Module` taking
 normalised float images (B, C, H, W) and returning logits (B, K). Names:
@@ -12,31 +12,17 @@ normalised float images (B, C, H, W) and returning logits (B, K). Names:
 - any torchvision classification model by name (`mobilenet_v3_small`, `vgg11_bn`, ...), adapted
   to the dataset's channels (grey is repeated to RGB) and to small images (upsampled to 32x32).
 
-A checkpoint is a directory with `checkpoint.pt` (tensors and plain values only, loaded with
-`weights_only=True`) and `meta.json` (config, classes, metrics, epoch, and the sha256 of
-`checkpoint.pt`), so export needs nothing but the checkpoint and corruption is caught before load.
+The checkpoint format that stores these models is raycls.checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-CHECKPOINT_FORMAT = "raycls-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted."""
-
 
 # ----------------------------------------------------------------------------- resnet_small
 
@@ -186,90 +172,3 @@ def build_model(
             "the local .pth path"
         )
     return _torchvision_model(name, num_classes, in_channels, image_size, pretrained)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]):
-    """Write `checkpoint.pt` and then `meta.json` (with its hash) into `directory`.
-
-    `meta.json` is written last and atomically (temp file + rename): a directory whose meta.json
-    exists holds a complete checkpoint, and a half-written `checkpoint.pt` fails its hash.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    torch.save(state, d / "checkpoint.pt")
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        **meta,
-        "sha256": {"checkpoint.pt": _sha256(d / "checkpoint.pt")},
-    }
-    tmp = d / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, d / "meta.json")
-
-
-def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    d = Path(directory)
-    meta_path = d / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"{d}: not a raycls checkpoint (no meta.json); pass a checkpoint directory or a run "
-            "directory"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: corrupted ({e})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: unsupported checkpoint format {meta.get('format')!r} "
-            f"version {meta.get('version')!r} (expected {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION})"
-        )
-    return meta
-
-
-def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
-    """Check a checkpoint's completeness and sha256 without loading it; returns its meta."""
-    d = Path(directory)
-    meta = read_checkpoint_meta(d)
-    pt = d / "checkpoint.pt"
-    if not pt.is_file():
-        raise CheckpointError(f"{pt}: missing (the checkpoint is incomplete)")
-    expected = meta.get("sha256", {}).get("checkpoint.pt")
-    actual = _sha256(pt)
-    if actual != expected:
-        raise CheckpointError(
-            f"{pt}: sha256 {actual[:12]}... does not match meta.json ({str(expected)[:12]}...); "
-            "the checkpoint is corrupted. Resume or export from another checkpoint of the run."
-        )
-    return meta
-
-
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and load a checkpoint: returns (state, meta). Refuses corrupted files."""
-    meta = verify_checkpoint(directory)
-    pt = Path(directory) / "checkpoint.pt"
-    try:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:  # hash matched but content unreadable: still refuse clearly
-        raise CheckpointError(f"{pt}: cannot be loaded ({e})") from None
-    return state, meta
-
-
-def model_from_checkpoint(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained model (eval mode) from a checkpoint alone."""
-    state, meta = load_checkpoint(directory)
-    cfg, data = meta["config"], meta["data"]
-    model = build_model(
-        cfg["model"], len(data["classes"]), data["channels"], data["image_size"], cfg["model_width"]
-    )
-    model.load_state_dict(state["model"])
-    return model.eval(), meta

@@ -98,7 +98,7 @@ def check_policies(cfg: TrainConfig, dataset: str, image_size: int) -> None:
             from_file = [p for _, p in load_policy_schedule(cfg.aug_policy_file)]
         except ValueError as e:
             raise bad("aug_policy_file", cfg.aug_policy_file, str(e)) from None
-    # the train worker's rule (raycls.train.NO_FLIP_DATASETS): digits are not mirror-symmetric
+    # the train worker's rule (raycls.worker.NO_FLIP_DATASETS): digits are not mirror-symmetric
     allow_flip = dataset not in ("digits", "mnist")
     field = "aug_policy"
     for policy in [cfg.aug_policy, *from_file]:
@@ -113,7 +113,7 @@ def check_policies(cfg: TrainConfig, dataset: str, image_size: int) -> None:
 def check_checkpoint(cfg: TrainConfig) -> None:
     if not cfg.resume_from:
         return
-    from raycls.models import CheckpointError, verify_checkpoint
+    from raycls.checkpoints import CheckpointError, verify_checkpoint
 
     if "://" in cfg.resume_from:
         return

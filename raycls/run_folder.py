@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raycls.checkpoints import verify_checkpoint
 from raycls.config import TrainConfig
-from raycls.models import verify_checkpoint
 from raycls.runs import TRAIN_CONFIG
 
 

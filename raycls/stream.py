@@ -4,7 +4,7 @@ For datasets of any size (`imagefolder:`, `parquet:`, local or on object storage
 lists files (`raycls.sources`) and never holds pixels; Ray Data CPU tasks decode and crop with the
 one decoder (`raycls.images.open_image`), uint8 (C, H, W) on the wire; each worker reads its shard
 with `iter_torch_batches`. Normalisation and the batch augmentation policies stay on the training
-device (`raycls.train`), exactly as for the in-memory datasets.
+device (`raycls.worker`), exactly as for the in-memory datasets.
 
 - train: a RandomResizedCrop-style box (area share in [`aug_crop_scale`, 1], aspect ratio 3/4 to
   4/3) resized to `image_size`; a seeded file-order shuffle that changes every epoch, plus a local
@@ -13,7 +13,7 @@ device (`raycls.train`), exactly as for the in-memory datasets.
 - val/test: the largest centred box of the target's aspect ratio, resized ("center-crop"); the
   same rule goes into the checkpoint and the bundle, so serving preprocesses as validation did.
 - a file that does not decode is masked out of its batch (ranks stay in lockstep) and named;
-  past `max_bad_images` the run stops with a clear error (see `raycls.train`).
+  past `max_bad_images` the run stops with a clear error (see `raycls.worker`).
 - epochs are the resume points: Ray 2.60 cannot resume a dataset mid-epoch, so a restarted worker
   group reads the interrupted epoch again from its start.
 """
@@ -113,7 +113,7 @@ def decode_split(
 
 @dataclass
 class StreamData:
-    """What `raycls.train` needs to stream a dataset: metadata and lazy Ray Datasets."""
+    """What a training run needs to stream a dataset: metadata and lazy Ray Datasets."""
 
     source: ImageSource
     info: dict[str, Any]  # the dataset description saved in checkpoints (as Dataset.describe)

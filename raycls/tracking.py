@@ -1,7 +1,7 @@
 """Experiment tracking: TensorBoard event files for every run and trial, MLflow runs when asked.
 
 One job: hand what training already measures to the two trackers users open. Nothing here
-decides how a run trains; `raycls.train` and `raycls.search` call it at a few marked points.
+decides how a run trains; `raycls.trainer` and `raycls.search` call it at a few marked points.
 
 TensorBoard (always on; `--no-tensorboard` turns it off). `Board` (raycls.board) lives in every
 Train worker; rank 0 alone writes, with torch's `SummaryWriter`, into the run directory
@@ -35,8 +35,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-# Board and board_dir are TensorBoard's (raycls.board); train.py reaches them through here
-from raycls.board import EPOCH_SCALARS, Board, board_dir  # noqa: F401
+from raycls.board import EPOCH_SCALARS, board_dir
 from raycls.config import ConfigError, TrainConfig
 
 EXPERIMENT = "raycls"  # MLflow experiment unless $MLFLOW_EXPERIMENT_NAME names another

@@ -1,9 +1,7 @@
 """The `raycls train` command: one flag per TrainConfig field, checked before Ray starts.
 
 The run itself is raycls.run_folder (its name, resumed config), raycls.trainer (the driver) and
-raycls.worker (what every rank runs); the names that other modules import from here
-(`run_training`, `resolve_run`, `build_trainer`, `test_accuracy`, `stream_cpus`,
-`NO_FLIP_DATASETS`, ...) are theirs, imported below.
+raycls.worker (what every rank runs).
 """
 
 from __future__ import annotations
@@ -13,20 +11,14 @@ import dataclasses
 import json
 import sys
 
+from raycls.checkpoints import CheckpointError
 from raycls.config import ConfigError, TrainConfig
 from raycls.console import capture_driver_logs
 from raycls.data import DataError
 from raycls.interrupt import EXIT_INTERRUPTED, Interrupted
-from raycls.models import CheckpointError
 from raycls.ray_session import add_address_argument, init_ray, shutdown_ray
 from raycls.run_folder import RunError, resolve_run, starts_over, starts_over_note
-from raycls.trainer import build_trainer, run_training, stream_cpus, test_accuracy
-from raycls.worker import NO_FLIP_DATASETS
-
-__all__ = [  # the driver's names, kept importable from raycls.train (search, tests, benches)
-    "NO_FLIP_DATASETS", "RunError", "add_arguments", "build_trainer", "config_from_args", "main",
-    "resolve_run", "run_training", "stream_cpus", "test_accuracy",
-]
+from raycls.trainer import run_training, stream_cpus
 
 FLAG_HELP = {  # every TrainConfig field's flag; add_arguments appends the default
     "dataset": "digits | mnist | fashion-mnist | cifar10 | imagefolder:PATH | parquet:PATH "

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from raycls.augment import build_augment, load_policy_schedule
+from raycls.checkpoints import read_checkpoint_meta
 from raycls.config import ConfigError, TrainConfig
 from raycls.console import Console, collect_ray_logs, open_channel
 from raycls.data import DataError, Dataset
 from raycls.epoch import evaluate_batches
 from raycls.ingest import RunData
 from raycls.interrupt import Interrupted, fit_interruptibly, second_interrupt_exits
-from raycls.models import read_checkpoint_meta
 from raycls.run_error import RUN_ERROR_FILE, clear_run_error, read_run_error
 from raycls.run_folder import (
     RunError,
@@ -129,7 +129,7 @@ def _trainer_class():
 def test_accuracy(checkpoint_dir: str, batches) -> tuple[float | None, float | None, int]:
     """(test_acc, test_loss, images) of a checkpoint over test batches, on this process's CPU;
     (None, None, 0) when the dataset has no test split."""
-    from raycls.models import model_from_checkpoint
+    from raycls.checkpoints import model_from_checkpoint
 
     model, meta = model_from_checkpoint(checkpoint_dir)
     mean = torch.tensor(meta["data"]["mean"]).view(1, -1, 1, 1)
@@ -161,6 +161,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     import ray.train
 
     from raycls import tracking
+    from raycls.board import board_dir
     from raycls.ingest import prepare_data, test_batches
 
     cfg = resolve_run(cfg, resume)
@@ -194,7 +195,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     clear_run_error(cfg)  # a resumed run starts without the error it stopped on
     queue = open_channel() if console else None
     view = Console(queue) if console else None
-    trainer = build_trainer(cfg, data, console=queue, board_dir=tracking.board_dir(cfg, run_dir),
+    trainer = build_trainer(cfg, data, console=queue, board_dir=board_dir(cfg, run_dir),
                             callbacks=mlflow_run.callbacks() if mlflow_run else None)
     try:
         result = fit_interruptibly(trainer, idle=view.drain if view else None)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from raycls import test_seams
 from raycls.augment import build_augment, load_policy_schedule, policy_for_epoch
+from raycls.checkpoints import load_checkpoint, save_checkpoint
 from raycls.config import TrainConfig
 from raycls.console import Channel
 from raycls.data import bad_images_message
@@ -37,7 +38,7 @@ from raycls.epoch import (
     train_one_epoch,
     unwrap,
 )
-from raycls.models import build_model, load_checkpoint, save_checkpoint
+from raycls.models import build_model
 from raycls.run_error import stop_run
 
 # Datasets whose labels change under a mirror image (a flipped 2 is no digit): no random flips.
@@ -138,7 +139,7 @@ class Worker:
     stale: int = 0  # epochs without a val_acc gain
     history: list[dict] = dataclasses.field(default_factory=list)
     bad_images: list[str] = dataclasses.field(default_factory=list)
-    board: Any = None  # raycls.tracking.Board
+    board: Any = None  # raycls.board.Board
 
     @property
     def info(self) -> dict[str, Any]:
@@ -149,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs. `config` is TrainConfig.to_dict() plus `_data` (an
     object ref to the dataset arrays, loaded once by the driver) or `_stream_info` (the
     description of a dataset streamed through `ray.train.get_dataset_shard`)."""
-    from raycls.tracking import Board
+    from raycls.board import Board
 
     w = setup(config)
     if w is None:

@@ -73,7 +73,7 @@ def stream_tree(tmp_path_factory):
 def _stream_run(tmp: Path, dataset: str, **extra) -> dict:
     from raycls.config import TrainConfig
     from raycls.export import export_bundle
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     ids = tmp / "ids"
     ids.mkdir(parents=True)

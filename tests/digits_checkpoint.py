@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from raycls.checkpoints import save_checkpoint
 from raycls.config import TrainConfig
 from raycls.data import load_dataset
-from raycls.models import build_model, save_checkpoint
+from raycls.models import build_model
 from raycls.onnx_model import normalise
 
 

@@ -185,7 +185,7 @@ DRIVER_NODE_LOSS = textwrap.dedent(
 
     from raycls.config import TrainConfig
     from raycls.raycompat import available_resources_per_node
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     port, agent_port, storage, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     # Head with 0 CPUs (like cluster/config.yaml): the two 1-CPU Train workers must land on the

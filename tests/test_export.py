@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint: Path) -> tuple[torch.nn.Module, dict, bytes]:
-    from raycls.models import model_from_checkpoint
+    from raycls.checkpoints import model_from_checkpoint
 
     model, meta = model_from_checkpoint(checkpoint)
     return model, meta["data"], export_onnx(model, meta["data"])

@@ -359,7 +359,7 @@ def test_mnist_train_export_evaluate_agree(ray_session, tmp_path, capsys):
     mnist = SHARED_DATASETS / "mnist"
     if not mnist.is_dir():
         pytest.skip(f"{mnist} is absent (the real datasets live in ../shared/datasets)")
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     cfg = TrainConfig(
         dataset="mnist",

@@ -117,7 +117,7 @@ def test_help_states_every_default_and_the_grammar():
 def test_worker_config_error_is_not_retried(ray_session, tmp_path):
     """Weights that are not the model's fail every rank the same way: reported once (a
     ConfigError, not Train's retries ending in TrainingFailedError), and no run folder kept."""
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not weights")

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from raycls.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from raycls.config import TrainConfig
-from raycls.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from raycls.train import resolve_run, run_training
+from raycls.models import build_model
+from raycls.run_folder import resolve_run
+from raycls.trainer import run_training
 from tests.conftest import REPO
 
 

@@ -247,7 +247,8 @@ def test_workers_failing_for_good_leave_a_failed_run(ray_session, tmp_path, caps
     """train.py writes error.json when Train gives up after a checkpoint (TrainingFailedError),
     so the run is listed as failed with the worker's error, not as interrupted."""
     from raycls.config import TrainConfig
-    from raycls.train import RunError, run_training
+    from raycls.run_folder import RunError
+    from raycls.trainer import run_training
 
     cfg = TrainConfig(num_workers=1, num_epochs=2, model_width=4, max_failures=0,
                       storage_path=str(tmp_path / "runs"), name="crash",

@@ -376,7 +376,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 def test_pbt_writes_a_replayable_schedule(ray_session, tmp_path):
     from raycls.augment import load_policy_schedule
     from raycls.search.run import run_search
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     settings = tiny(
         tmp_path, name="pbt", scheduler="pbt", num_samples=2, max_epochs=4,

@@ -148,8 +148,8 @@ def _expected_ids(dataset: str) -> set[int]:
 
 
 def _single_process_val_acc(run: dict) -> tuple[float, float]:
+    from raycls.checkpoints import model_from_checkpoint, read_checkpoint_meta
     from raycls.epoch import evaluate_batches
-    from raycls.models import model_from_checkpoint, read_checkpoint_meta
     from raycls.stream import decode_split
 
     result = run["result"]

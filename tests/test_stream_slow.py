@@ -24,7 +24,7 @@ CAPPED_RUN = textwrap.dedent("""
     import ray
     from raycls.config import TrainConfig
     from raycls.ray_session import local_ray_options
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     ray.init(address="local", num_cpus=3, object_store_memory=int(sys.argv[2]) * 2**20,
              include_dashboard=False, **local_ray_options())
@@ -85,7 +85,7 @@ def test_cifar10_png_folder_matches_the_builtin_loader(ray_session, tmp_path: Pa
     """Same epochs, seed and model: streaming the PNGs (whole-image crops, so both paths see the
     same pixels before the batch augmentation) reaches the built-in loader's accuracy +- 1 point."""
     from raycls.config import TrainConfig
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     _write_cifar_pngs(tmp_path / "cifar-png")
     common = {"num_epochs": 3, "num_workers": 1, "cpus_per_worker": 2, "batch_size": 256,

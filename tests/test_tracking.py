@@ -127,7 +127,7 @@ def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 @pytest.mark.ray
 def test_a_run_logs_to_tensorboard_and_mlflow(ray_session, tmp_path, monkeypatch, capsys):
-    from raycls.train import run_training
+    from raycls.trainer import run_training
 
     uri, client = mlflow_client(tmp_path, monkeypatch)
     cfg = TrainConfig(dataset="digits", num_epochs=2, num_workers=1, batch_size=64,

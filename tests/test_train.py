@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from raycls.checkpoints import save_checkpoint
 from raycls.cli import main as cli_main
 from raycls.config import ConfigError, TrainConfig
-from raycls.models import save_checkpoint
-from raycls.train import RunError, resolve_run, run_training
+from raycls.run_folder import RunError, resolve_run
+from raycls.trainer import run_training
 
 
 def test_config_refuses_unknown_and_invalid_fields():

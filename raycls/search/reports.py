@@ -147,9 +147,9 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
     `data` is prepare_data's (RunData, Dataset or None), for the best trial's test accuracy."""
     from raycls import tracking
     from raycls.augment import save_policy_schedule
+    from raycls.checkpoints import read_checkpoint_meta
     from raycls.ingest import test_batches
-    from raycls.models import read_checkpoint_meta
-    from raycls.train import test_accuracy
+    from raycls.trainer import test_accuracy
 
     rows = trial_rows(grid, keys, settings.max_epochs)
     header = ["rank", "trial", "status", "val_acc", "best_epoch", "epochs", "config"]

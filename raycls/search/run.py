@@ -107,7 +107,7 @@ def run_search(
     live with `verbose`. A Ctrl-C raises Interrupted, whose message is the `prog --resume` line."""
     from raycls.ingest import prepare_data
     from raycls.ray_session import init_ray
-    from raycls.train import stream_cpus
+    from raycls.trainer import stream_cpus
 
     settings, exp = prepare(settings, resume)
     settings.validate()

@@ -73,7 +73,7 @@ def check_policies(settings: SearchSettings, info: dict[str, Any]) -> None:
     """Every augmentation policy the search may use must build for this dataset (a flip on
     digits, a crop larger than the image): fail now, not in every trial."""
     from raycls.augment import build_augment
-    from raycls.train import NO_FLIP_DATASETS
+    from raycls.worker import NO_FLIP_DATASETS
 
     policies = [settings.base.get("aug_policy", TrainConfig().aug_policy)]
     spec = settings.space.get("aug_policy")

@@ -36,7 +36,7 @@ def train_driver(config: dict[str, Any], data: Any, train_storage: str,
     from ray.util.queue import Queue
 
     from raycls import tracking
-    from raycls.train import build_trainer
+    from raycls.trainer import build_trainer
     from raycls.tune_callbacks import ForwardToTune
 
     trial_id = tune.get_context().get_trial_id()
