@@ -8,10 +8,28 @@ its workers), so the way lives here, once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
 from typing import Any
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]):
+    """Ray's environment switches for one call, unless the user set them; removed again after.
+
+    Train and Tune read some settings only from the environment, when a `fit` starts (no option
+    sets them), so they must be in this process's environment then; scoped, the rest of the
+    process (a notebook, a test session, the next run) keeps the environment it had.
+    """
+    ours = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(ours)
+    try:
+        yield
+    finally:
+        for k in ours:
+            os.environ.pop(k, None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -45,11 +45,6 @@ TUNE_QUIET_ENV = {
 }
 
 
-def quiet_tune() -> None:
-    for key, value in TUNE_QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def say(text: str) -> None:
     print(f"[raycls] {text}", flush=True)
 

@@ -317,6 +317,10 @@ def close_search(uri: str, exp: Path, name: str, rows: list[dict[str, Any]],
             "run_id": parent.run_id}
 
 
+# with tune_loggers(): read when Tuner.fit starts (raycls.search.run sets it for the fit only)
+TUNE_LOGGER_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
 def tune_loggers() -> list:
     """A new search's Tune loggers: CSV and JSON (what a restored search reads back), passed
     explicitly, and Tune's switch that stops it adding its own tensorboardX logger, whose
@@ -325,5 +329,4 @@ def tune_loggers() -> list:
     raycls passed these must keep Tune's automatic CSV logger (it then gets Tune's charts too)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read when Tuner.fit starts
     return [CSVLoggerCallback(), JsonLoggerCallback()]

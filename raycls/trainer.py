@@ -9,10 +9,8 @@ raycls.run_folder; what each worker runs is raycls.worker; the command is raycls
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from raycls.data import DataError, Dataset
 from raycls.epoch import evaluate_batches
 from raycls.ingest import RunData
 from raycls.interrupt import Interrupted, fit_interruptibly, second_interrupt_exits
+from raycls.ray_session import scoped_env
 from raycls.run_error import RUN_ERROR_FILE, clear_run_error, read_run_error
 from raycls.run_folder import (
     RunError,
@@ -88,7 +87,6 @@ def build_trainer(cfg: TrainConfig, data: RunData, callbacks=None, console=None,
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
-@contextlib.contextmanager
 def fast_health_checks():
     """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 for one `fit`, unless the user set it; restored after.
 
@@ -101,14 +99,7 @@ def fast_health_checks():
     controller's runtime_env), so the process needs it only while `fit` runs. Two overlapping
     fits in one process share the first one's setting: the second may end up with Train's 2 s.
     """
-    ours = HEALTH_CHECK_ENV not in os.environ
-    if ours:
-        os.environ[HEALTH_CHECK_ENV] = "0.5"
-    try:
-        yield
-    finally:
-        if ours:
-            os.environ.pop(HEALTH_CHECK_ENV, None)
+    return scoped_env({HEALTH_CHECK_ENV: "0.5"})
 
 
 @functools.cache

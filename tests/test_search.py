@@ -197,8 +197,13 @@ def test_tiny_search_end_to_end(ray_session, tmp_path):
     from raycls.augment import load_policy_schedule
     from raycls.bundle import load_bundle
     from raycls.search.run import run_search
+    from raycls.search_console import TUNE_QUIET_ENV
+    from raycls.tracking import TUNE_LOGGER_ENV
 
+    switches = {**TUNE_QUIET_ENV, **TUNE_LOGGER_ENV}  # Tune's, set for the search's fit only
+    already = {k for k in switches if k in os.environ}
     summary = run_search(tiny(tmp_path))
+    assert {k for k in switches if k in os.environ} == already
     exp = tmp_path / "runs" / "tiny"
     assert summary["errors"] == [] and summary["num_trials"] == 2
     rows = list(csv.DictReader((exp / "results.csv").open()))

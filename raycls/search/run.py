@@ -19,6 +19,7 @@ from typing import Any
 from raycls.config import TrainConfig
 from raycls.console import capture_driver_logs, collect_ray_logs
 from raycls.interrupt import Interrupted, second_interrupt_exits
+from raycls.ray_session import scoped_env
 from raycls.runs import mark_running
 from raycls.search.reports import report
 from raycls.search.schedulers import build_scheduler, build_searcher
@@ -134,7 +135,7 @@ def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, res
     from ray import tune
 
     from raycls import tracking
-    from raycls.search_console import CtrlC, TrialLines, quiet_tune
+    from raycls.search_console import TUNE_QUIET_ENV, CtrlC, TrialLines
     from raycls.tune_callbacks import ReleaseOrphans
 
     space = build_space(settings, cfg)
@@ -161,7 +162,6 @@ def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, res
         f"-> {exp}" + (" (Ray's own logs: ray.log there)" if console else ""),
         flush=True,
     )
-    quiet_tune()
     ctrl_c = CtrlC()
     callbacks = [TrialLines(keys, settings.max_epochs), ReleaseOrphans(), ctrl_c]
     t0 = time.perf_counter()
@@ -193,8 +193,11 @@ def search_and_report(settings: SearchSettings, exp: Path, cfg: TrainConfig, res
                 verbose=0,  # TrialLines replaces Tune's progress output
             ),
         )
+    # Tune's switches for this fit only: its output off (TrialLines replaces it); for a new search,
+    # no automatic loggers beside tune_loggers (a restored one keeps the callbacks it started with)
+    env = {**TUNE_QUIET_ENV, **({} if resume else tracking.TUNE_LOGGER_ENV)}
     try:
-        with ctrl_c:
+        with scoped_env(env), ctrl_c:
             grid = tuner.fit()  # ray: does NOT raise when trials fail; errors are checked below
     except KeyboardInterrupt:  # before Tune took Ctrl-C over
         interrupted(settings, exp, prog, started=resume or tune.Tuner.can_restore(str(exp)))
