@@ -94,8 +94,10 @@ def test_bad_flags_fail_fast_with_the_field(tmp_path, capfd, monkeypatch):
 
 
 def test_help_states_every_default_and_the_grammar():
+    # wide: argparse wraps at hyphens ("--resume-" / "from") at a terminal's usual width
     out = subprocess.run([sys.executable, "-m", "raycls", "train", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "400"}).stdout
     flat = " ".join(out.split())
     assert "0 = the dataset's native size" in flat
     assert "{sgd,adamw}" in flat and "{auto,memory,stream}" in flat
