@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from raycls.models import build_model
+# torch is imported where tensors are read or written, not here: reading meta.json and ranking
+# checkpoints (`raycls runs`, the search's reports, preflight) needs no torch.
 
 CHECKPOINT_FORMAT = "raycls-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -25,6 +26,15 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted."""
+
+
+def rank_key(metrics: dict[str, Any]) -> tuple[float, float]:
+    """The one order of a run's checkpoints (and of a search's epochs and trials): higher
+    val_acc, then lower val_loss. Hand-written because Ray's picks (Result.get_best_checkpoint,
+    ResultGrid.get_best_result) break val_acc ties by position, and ties are common on a small
+    validation split: the best checkpoint a run tests, a search reports and export bundles must
+    be the same one."""
+    return metrics["val_acc"], -metrics.get("val_loss", 0.0)
 
 
 def _sha256(path: Path) -> str:
@@ -40,6 +50,8 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], meta: d
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    import torch
+
     torch.save(state, d / "checkpoint.pt")
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -94,6 +106,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     meta = verify_checkpoint(directory)
     pt = Path(directory) / "checkpoint.pt"
     try:
+        import torch
+
         state = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # hash matched but content unreadable: still refuse clearly
         raise CheckpointError(f"{pt}: cannot be loaded ({e})") from None
@@ -102,6 +116,8 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 
 def model_from_checkpoint(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the trained model (eval mode) from a checkpoint alone."""
+    from raycls.models import build_model
+
     state, meta = load_checkpoint(directory)
     cfg, data = meta["config"], meta["data"]
     model = build_model(

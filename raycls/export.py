@@ -56,6 +56,16 @@ ACC_WARN_GAP = 0.002  # ONNX vs training test_acc: warn above 0.2 points
 # ----------------------------------------------------------------------------- checkpoint
 
 
+def other_run_result(ckpt: Path) -> bool:
+    """Whether the folder above `ckpt` holds a raycls run's result.json (about another
+    checkpoint: run_result_of found none about this one)."""
+    try:
+        result = json.loads((ckpt.parent / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and "checkpoint" in result
+
+
 def run_result_of(ckpt: Path) -> dict[str, Any] | None:
     """The run's result.json one folder up, when it names `ckpt` as the run's best checkpoint
     (its test_acc was measured on that checkpoint); None otherwise."""
@@ -167,21 +177,26 @@ def export_bundle(
     int8: bool = False,
     num_parity_images: int = 1000,
     overwrite: bool = False,
+    test_acc: float | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Checkpoint or run dir -> verified bundle at `output`. See the module docstring."""
+    """Checkpoint or run dir -> verified bundle at `output`. See the module docstring.
+    `test_acc`: PyTorch's test accuracy of this very checkpoint, when the caller measured it (a
+    search does, for its winner); else it comes from the run's result.json where that names it."""
     # torch and onnxruntime take turns on the parity batches: more than 4 threads only
     # oversubscribe the cores (beside a search's driver, too); capped for this call alone
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(4, threads)))
     try:
         return _export_bundle(source, output, data_dir=data_dir, int8=int8,
-                              num_parity_images=num_parity_images, overwrite=overwrite, log=log)
+                              num_parity_images=num_parity_images, overwrite=overwrite,
+                              measured=test_acc, log=log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _export_bundle(source, output, *, data_dir, int8, num_parity_images, overwrite, log) -> Path:
+def _export_bundle(source, output, *, data_dir, int8, num_parity_images, overwrite, measured,
+                   log) -> Path:
     out = Path(output)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
@@ -210,8 +225,12 @@ def _export_bundle(source, output, *, data_dir, int8, num_parity_images, overwri
     test_x, test_y = held.images.numpy(), held.labels.numpy()
     onnx_test_acc = onnx_accuracy(cpu_session(model_bytes), test_x, test_y)
     train_metrics = {**meta.get("metrics", {}), **(result or {})}
+    if measured is not None:
+        train_metrics["test_acc"] = measured
     test_acc = train_metrics.get("test_acc")
-    if result is None and (ckpt.parent / "result.json").is_file():
+    # a `raycls train` run's result.json that names another checkpoint (a search trial's folder
+    # holds Tune's result.json instead, one JSON line per epoch: not a run result)
+    if measured is None and result is None and other_run_result(ckpt):
         log(f"note: {ckpt.parent / 'result.json'} has the test accuracy of the run's best "
             "checkpoint, not of this one: test_acc is not recorded (export the run directory "
             "for the best checkpoint)")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from raycls.augment import build_augment, load_policy_schedule
-from raycls.checkpoints import read_checkpoint_meta
+from raycls.checkpoints import rank_key, read_checkpoint_meta
 from raycls.config import ConfigError, TrainConfig
 from raycls.console import Console, collect_ray_logs, open_channel
 from raycls.data import DataError, Dataset
@@ -226,7 +226,8 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
         raise DataError(stopped["data_error"])
     if not result.best_checkpoints:
         raise RunError("training produced no checkpoint")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
+    # the one order of checkpoints (rank_key: val_acc, then lower val_loss), as search and export
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: rank_key(cm[1]))
     with best_ckpt.as_directory() as d:
         test_acc, test_loss, test_count = test_accuracy(d, test_batches(data, ds))
     with result.checkpoint.as_directory() as d:  # the newest checkpoint holds the full history

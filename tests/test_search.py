@@ -122,7 +122,7 @@ def test_schedule_from_history_and_the_train_command(tmp_path):
 
 
 def test_val_acc_ties_go_to_the_lower_val_loss_in_rows_and_checkpoints(tmp_path):
-    """The report's one order (reports.rank_key), where Tune's picks would take the first tie:
+    """The one order (raycls.checkpoints.rank_key), where Tune's picks would take the first tie:
     the epoch the table names is the checkpoint that is exported."""
     import pandas as pd
     from ray.tune import Checkpoint, Result
@@ -193,7 +193,7 @@ def tiny(tmp_path: Path, **overrides) -> SearchSettings:
 
 
 @pytest.mark.ray
-def test_tiny_search_end_to_end(ray_session, tmp_path):
+def test_tiny_search_end_to_end(ray_session, tmp_path, capsys):
     from raycls.augment import load_policy_schedule
     from raycls.bundle import load_bundle
     from raycls.search.run import run_search
@@ -222,6 +222,9 @@ def test_tiny_search_end_to_end(ray_session, tmp_path):
     bundle = load_bundle(tmp_path / "models" / "tiny")
     assert bundle.meta["parity"]["top1_agreement"] >= 0.999
     assert abs(bundle.meta["metrics"]["onnx_test_acc"] - summary["best"]["test_acc"]) < 0.01
+    # the winner's PyTorch test accuracy, measured on the exported checkpoint, is the bundle's
+    assert bundle.meta["metrics"]["test_acc"] == summary["best"]["test_acc"]
+    assert "not recorded" not in capsys.readouterr().out  # (Tune's result.json is no run's)
     assert summary["bundle"] == str(tmp_path / "models" / "tiny")
 
 

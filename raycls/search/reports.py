@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from raycls.checkpoints import rank_key  # the one order: val_acc, then lower val_loss
 from raycls.config import TrainConfig
 from raycls.search.settings import (
     METRIC,
@@ -24,15 +25,6 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def rank_key(metrics: dict[str, Any]) -> tuple[float, float]:
-    """The one order of epochs, checkpoints and trials: higher val_acc, then lower val_loss.
-
-    Hand-written because Tune's own picks (ResultGrid.get_best_result, get_dataframe with
-    filter_metric, Result.get_best_checkpoint) break val_acc ties by position: ties are common on
-    a small validation split, and the epoch the table names must be the checkpoint exported."""
-    return metrics[METRIC], -metrics.get("val_loss", 0.0)
 
 
 UNRANKED = (float("-inf"), float("-inf"))  # a trial that never reported val_acc ranks last
@@ -213,7 +205,8 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
     elif summary["best"] is None:
         print("error: no trial produced a checkpoint; nothing to export", file=sys.stderr)
     elif settings.export:
-        summary["bundle"] = export_best(settings, summary["best"]["checkpoint"])
+        summary["bundle"] = export_best(settings, summary["best"]["checkpoint"],
+                                        summary["best"]["test_acc"])
     tracking.finish_search(settings, exp, rows, summary)  # MLflow artifacts; where to look
     (exp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if summary.get("bundle"):  # the last lines: what to do next
@@ -223,10 +216,11 @@ def report(settings: SearchSettings, exp: Path, grid: Any, data: tuple[Any, Any]
     return summary
 
 
-def export_best(settings: SearchSettings, checkpoint: str) -> str:
+def export_best(settings: SearchSettings, checkpoint: str, test_acc: float | None) -> str:
     from raycls.export import export_bundle  # caps its own torch threads for the gate
 
     out = Path(settings.models_dir) / settings.name
     export_bundle(checkpoint, out, data_dir=settings.data_dir, overwrite=False,
+                  test_acc=test_acc,  # measured on this checkpoint by report
                   log=lambda m: print(f"[raycls] export: {m}", flush=True))
     return str(out)
