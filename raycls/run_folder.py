@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raycls.checkpoints import verify_checkpoint
+from raycls.checkpoints import read_checkpoint_meta, verify_checkpoint
 from raycls.config import TrainConfig
 from raycls.runs import TRAIN_CONFIG
 
@@ -72,10 +72,11 @@ def resume_config(run_dir: Path) -> dict[str, Any] | None:
     newest = None
     for ckpt in sorted(run_dir.glob("checkpoint_*")):
         if (ckpt / "meta.json").exists():  # no meta.json = never finished, never used
-            meta = verify_checkpoint(ckpt)  # refuse to resume into a corrupted checkpoint
+            meta = read_checkpoint_meta(ckpt)
             if newest is None or meta["epoch"] > newest[1]["epoch"]:
                 newest = ckpt, meta
     if newest is not None:
+        verify_checkpoint(newest[0])  # the one resumed from: refuse it corrupted (sha256), once
         if not isinstance(newest[1].get("config"), dict):
             raise RunError(f"{newest[0]}/meta.json: no \"config\" to resume with; start a new "
                            f"run from it with `raycls train --resume-from {newest[0]}`")
