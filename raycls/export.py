@@ -47,6 +47,7 @@ from raycls.onnx_model import (
     onnx_accuracy,
     quantize_int8,
 )
+from raycls.runs import read_train_result
 
 CALIBRATION_IMAGES = 512  # training images that calibrate the INT8 ranges
 INT8_MAX_ACC_DROP = 0.01  # 1 percentage point of test accuracy
@@ -56,26 +57,14 @@ ACC_WARN_GAP = 0.002  # ONNX vs training test_acc: warn above 0.2 points
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def other_run_result(ckpt: Path) -> bool:
-    """Whether the folder above `ckpt` holds a raycls run's result.json (about another
-    checkpoint: run_result_of found none about this one)."""
-    try:
-        result = json.loads((ckpt.parent / "result.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(result, dict) and "checkpoint" in result
-
-
 def run_result_of(ckpt: Path) -> dict[str, Any] | None:
     """The run's result.json one folder up, when it names `ckpt` as the run's best checkpoint
     (its test_acc was measured on that checkpoint); None otherwise."""
-    try:
-        result = json.loads((ckpt.parent / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    best = Path(str(result.get("checkpoint", ""))) if isinstance(result, dict) else None
+    result = read_train_result(ckpt.parent)
     # by folder name: Ray Train's names are timestamped, and the run may have moved since
-    return result if best is not None and best.name == ckpt.resolve().name else None
+    if result is not None and Path(str(result["checkpoint"])).name == ckpt.resolve().name:
+        return result
+    return None
 
 
 def resolve_checkpoint(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
@@ -230,7 +219,7 @@ def _export_bundle(source, output, *, data_dir, int8, num_parity_images, overwri
     test_acc = train_metrics.get("test_acc")
     # a `raycls train` run's result.json that names another checkpoint (a search trial's folder
     # holds Tune's result.json instead, one JSON line per epoch: not a run result)
-    if measured is None and result is None and other_run_result(ckpt):
+    if measured is None and result is None and read_train_result(ckpt.parent) is not None:
         log(f"note: {ckpt.parent / 'result.json'} has the test accuracy of the run's best "
             "checkpoint, not of this one: test_acc is not recorded (export the run directory "
             "for the best checkpoint)")

@@ -18,7 +18,7 @@ from typing import Any
 
 from raycls.checkpoints import read_checkpoint_meta, verify_checkpoint
 from raycls.config import TrainConfig
-from raycls.runs import TRAIN_CONFIG
+from raycls.runs import TRAIN_CONFIG, TRAIN_RESULT, read_train_result
 
 
 class RunError(RuntimeError):
@@ -41,10 +41,10 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
             raise RunError(f"resume={resume}: no run directory {run_dir}; "
                            + (f"runs there: {', '.join(runs)}" if runs else
                               "start a new run without --resume"))
-        if (run_dir / "result.json").exists():
-            best = json.loads((run_dir / "result.json").read_text()).get("checkpoint", "")
+        if (run_dir / TRAIN_RESULT).exists():  # finished, even if the file is damaged since
+            best = (read_train_result(run_dir) or {}).get("checkpoint", "")
             raise RunError(
-                f"resume={resume}: the run already finished ({run_dir}/result.json); to train "
+                f"resume={resume}: the run already finished ({run_dir}/{TRAIN_RESULT}); to train "
                 f"it further, start a new run from its best checkpoint: `raycls train "
                 f"--resume-from {best or run_dir / 'checkpoint_...'} --num-epochs N` (with the "
                 "run's other flags)")
@@ -55,7 +55,7 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> TrainConfig:
     name = cfg.name or new_run_name(cfg)
     run_dir = Path(storage) / name
     if "://" not in storage and run_dir.exists():
-        finished = (run_dir / "result.json").exists()
+        finished = (run_dir / TRAIN_RESULT).exists()
         raise RunError(
             f"name={name}: the run already exists in {storage} "
             f"({'finished' if finished else 'unfinished'}); "

@@ -106,6 +106,14 @@ def _json(path: Path) -> Any:
         return None
 
 
+def read_train_result(folder: Path) -> dict[str, Any] | None:
+    """A finished `raycls train` run's result.json in `folder`: a dict naming its best
+    checkpoint. None when there is none, it is unreadable, or it is another program's (a search
+    trial's folder holds Tune's result.json, one JSON line per epoch)."""
+    result = _json(folder / TRAIN_RESULT)
+    return result if isinstance(result, dict) and "checkpoint" in result else None
+
+
 def _metas(folder: Path, pattern: str) -> list[dict[str, Any]]:
     """The checkpoints' meta.json (only complete checkpoints have one), oldest epoch first."""
     out = []

@@ -36,7 +36,7 @@ from raycls.run_folder import (
     starts_over,
     starts_over_note,
 )
-from raycls.runs import TRAIN_CONFIG, mark_running
+from raycls.runs import TRAIN_CONFIG, TRAIN_RESULT, mark_running
 from raycls.worker import NO_FLIP_DATASETS, train_loop_per_worker
 
 
@@ -252,7 +252,7 @@ def run_training(cfg: TrainConfig, resume: str | None = None, dataset: Dataset |
     }
     if "://" not in cfg.storage_path:
         plot_curves(history, run_dir / "curves.png", cfg.name)
-        (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / TRAIN_RESULT).write_text(json.dumps(summary, indent=2))
     tested = f"test_acc {test_acc:.4f}" if test_acc is not None else "no test split"
     print(
         f"[raycls] done: {tested} (best val_acc {summary['val_acc']:.4f} at epoch "

@@ -37,6 +37,9 @@ def test_run_names_are_unique_and_finished_runs_are_not_reused(tmp_path):
         resolve_run(TrainConfig(storage_path=str(tmp_path), name="done"), None)
     with pytest.raises(RunError, match="already finished"):
         resolve_run(TrainConfig(storage_path=str(tmp_path)), "done")
+    (tmp_path / "done" / "result.json").write_text("{damaged")  # still finished, no traceback
+    with pytest.raises(RunError, match="already finished"):
+        resolve_run(TrainConfig(storage_path=str(tmp_path)), "done")
     (tmp_path / "half").mkdir()
     with pytest.raises(RunError, match="continue it with --resume half"):
         resolve_run(TrainConfig(storage_path=str(tmp_path), name="half"), None)
